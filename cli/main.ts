@@ -1,0 +1,444 @@
+#!/usr/bin/env node
+// The mfagate command: the daemon (`serve`) and the operators' tools, all over the same store and config.
+import os from 'node:os';
+import { Command, CommanderError } from 'commander';
+import { type Config, ConfigError, loadConfig, locateConfig, policySettings } from '../config/config.js';
+import { formatDuration, parseDuration, DURATION_EXPECTED } from '../config/duration.js';
+import { formatEndpoint } from '../config/listen.js';
+import { startDaemon } from '../daemon/daemon.js';
+import { createLogger, errorText } from '../daemon/log.js';
+import { blockOf, parseAddress } from '../policy/address.js';
+import { decide } from '../policy/decide.js';
+import { describeRule } from '../policy/rules.js';
+import { isAcceptableUserName, normaliseUser } from '../policy/user.js';
+import { type GrantRow, Store, StoreError, migrateFile } from '../store/store.js';
+import { formatTime, table } from './format.js';
+
+/** An error the operator caused: printed without a stack, exit code as given. */
+class UsageError extends Error {
+  constructor(message: string, readonly exitCode = 2) {
+    super(message);
+  }
+}
+
+interface GlobalOpts {
+  config?: string;
+}
+
+function out(text: string): void {
+  process.stdout.write(text.endsWith('\n') ? text : text + '\n');
+}
+
+function json(value: unknown): void {
+  out(JSON.stringify(value, null, 2));
+}
+
+function actor(): string {
+  const who = process.env['SUDO_USER'] || process.env['USER'] || safeUserName();
+  return `cli:${who}`;
+}
+
+function safeUserName(): string {
+  try {
+    return os.userInfo().username;
+  } catch {
+    return String(process.getuid?.() ?? 'unknown');
+  }
+}
+
+function configOf(cmd: Command): Config {
+  const opts = cmd.optsWithGlobals<GlobalOpts>();
+  return loadConfig(locateConfig(opts.config));
+}
+
+function withStore<T>(config: Config, fn: (store: Store) => T): T {
+  const store = Store.open(config.store.path, { create: true, migrate: true });
+  try {
+    return fn(store);
+  } finally {
+    store.close();
+  }
+}
+
+function userArg(config: Config, raw: string): string {
+  const user = normaliseUser(raw, config.users);
+  if (!isAcceptableUserName(user)) throw new UsageError(`not a user name: ${JSON.stringify(raw)}`);
+  return user;
+}
+
+function ipArg(raw: string): ReturnType<typeof parseAddress> & object {
+  const a = parseAddress(raw);
+  if (!a) throw new UsageError(`not an IP address: ${JSON.stringify(raw)} (expected e.g. 203.0.113.7 or 2001:db8::1)`);
+  return a;
+}
+
+function ttlArg(raw: string): number {
+  const ms = parseDuration(raw);
+  if (ms === undefined) throw new UsageError(`--ttl: expected ${DURATION_EXPECTED}, got ${JSON.stringify(raw)}`);
+  return ms;
+}
+
+function idArg(raw: string): number {
+  if (!/^\d{1,15}$/.test(raw)) throw new UsageError(`--id: expected a grant number, got ${JSON.stringify(raw)}`);
+  return Number(raw);
+}
+
+function grantState(g: GrantRow, now: number): string {
+  if (g.revokedAt !== null) return 'revoked';
+  return g.expiresAt > now ? 'active' : 'expired';
+}
+
+function grantJson(g: GrantRow, now: number) {
+  return {
+    id: g.id,
+    user: g.user,
+    block: g.block,
+    ip: g.ip,
+    state: grantState(g, now),
+    created_at: new Date(g.createdAt).toISOString(),
+    expires_at: new Date(g.expiresAt).toISOString(),
+    method: g.method,
+    source: g.source,
+    reason: g.reason,
+    revoked_at: g.revokedAt === null ? null : new Date(g.revokedAt).toISOString(),
+    revoked_by: g.revokedBy,
+    revoke_reason: g.revokeReason,
+  };
+}
+
+function grantsTable(grants: GrantRow[], now: number): string {
+  return table(
+    ['ID', 'USER', 'BLOCK', 'STATE', 'CREATED', 'EXPIRES', 'METHOD', 'SOURCE'],
+    grants.map((g) => [String(g.id), g.user, g.block, grantState(g, now), formatTime(g.createdAt), formatTime(g.expiresAt), g.method, g.source]),
+  );
+}
+
+function requiredNow(config: Config, mfaEnabled: boolean, exempt: boolean, now: number): boolean {
+  const s = policySettings(config);
+  return !exempt && (mfaEnabled || (s.requiredFrom !== undefined && now >= s.requiredFrom));
+}
+
+export function buildProgram(): Command {
+  const program = new Command();
+  program
+    .name('mfagate')
+    .description('Per-IP MFA grants for Dovecot and Postfix: the daemon and the operators\' tools')
+    .option('-c, --config <file>', 'configuration file (default: $MFAGATE_CONFIG, then ./mfagate.toml, then built-in defaults)')
+    .showHelpAfterError()
+    .exitOverride()
+    .configureOutput({ writeErr: (s) => process.stderr.write(s) });
+
+  // ---- serve --------------------------------------------------------------------------------------------
+  program
+    .command('serve')
+    .description('run the daemon: the Dovecot and Postfix policy endpoints')
+    .action(async (_o, cmd: Command) => {
+      const config = configOf(cmd);
+      const logger = createLogger(config.log.level);
+      const daemon = await startDaemon(config, logger);
+      process.stderr.write(
+        `mfagate: listening\n` +
+          daemon.endpoints.dovecot.map((e) => `  dovecot auth policy  ${formatEndpoint(e)}\n`).join('') +
+          daemon.endpoints.postfix.map((e) => `  postfix policy       ${formatEndpoint(e)}\n`).join('') +
+          `  store                ${config.store.path}\n`,
+      );
+      process.on('SIGHUP', () => daemon.reload());
+      const stop = (signal: string) => {
+        logger.log('info', 'stopping', { signal });
+        daemon.stop().then(
+          () => process.exit(0),
+          (e: unknown) => {
+            logger.log('error', 'stop-failed', { error: errorText(e) });
+            process.exit(1);
+          },
+        );
+      };
+      process.once('SIGTERM', () => stop('SIGTERM'));
+      process.once('SIGINT', () => stop('SIGINT'));
+      await new Promise(() => undefined);
+    });
+
+  // ---- grants -------------------------------------------------------------------------------------------
+  const grants = program.command('grants').description('inspect, add and revoke MFA grants');
+  grants
+    .command('list')
+    .description('list grants (active ones unless --all)')
+    .option('--user <user>', 'only this user')
+    .option('--ip <ip>', 'only grants covering this address')
+    .option('--all', 'include expired and revoked grants')
+    .option('--json', 'machine-readable output')
+    .action((o: { user?: string; ip?: string; all?: boolean; json?: boolean }, cmd: Command) => {
+      const config = configOf(cmd);
+      const user = o.user !== undefined ? userArg(config, o.user) : undefined;
+      const block = o.ip !== undefined ? blockOf(ipArg(o.ip), policySettings(config).prefixes) : undefined;
+      const now = Date.now();
+      const rows = withStore(config, (s) => s.listGrants({ user, block, all: o.all === true, now }));
+      if (o.json) return json(rows.map((g) => grantJson(g, now)));
+      if (rows.length === 0) return out(o.all ? 'no grants' : 'no active grants');
+      out(grantsTable(rows, now));
+    });
+  grants
+    .command('add')
+    .description('grant a user MFA-free mail logins from an address block (helpdesk)')
+    .requiredOption('--user <user>', 'the user')
+    .requiredOption('--ip <ip>', 'the client address; the grant covers its block (IPv4 address, IPv6 /64 by default)')
+    .option('--ttl <duration>', 'how long (default: [grants] ttl)')
+    .option('--reason <text>', 'why, for the audit log', '')
+    .option('--json', 'machine-readable output')
+    .action((o: { user: string; ip: string; ttl?: string; reason: string; json?: boolean }, cmd: Command) => {
+      const config = configOf(cmd);
+      const user = userArg(config, o.user);
+      const addr = ipArg(o.ip);
+      const ttlMs = o.ttl !== undefined ? ttlArg(o.ttl) : config.grants.ttlMs;
+      const now = Date.now();
+      const { grant, extended } = withStore(config, (s) =>
+        s.addGrant({
+          user,
+          ip: addr.toString(),
+          block: blockOf(addr, policySettings(config).prefixes),
+          ttlMs,
+          method: 'helpdesk',
+          source: 'cli',
+          reason: o.reason,
+          actor: actor(),
+          now,
+        }),
+      );
+      if (o.json) return json({ ...grantJson(grant, now), extended });
+      out(`${extended ? 'extended' : 'added'} grant ${grant.id}: ${grant.user} from ${grant.block} until ${formatTime(grant.expiresAt)} (${formatDuration(grant.expiresAt - now)})`);
+    });
+  grants
+    .command('revoke')
+    .description('revoke active grants: one by --id, or all of --user (optionally only --ip), or all for --ip')
+    .option('--id <id>', 'the grant number (see grants list)')
+    .option('--user <user>', 'the user')
+    .option('--ip <ip>', 'the address (its block)')
+    .option('--reason <text>', 'why, for the audit log', '')
+    .option('--json', 'machine-readable output')
+    .action((o: { id?: string; user?: string; ip?: string; reason: string; json?: boolean }, cmd: Command) => {
+      const config = configOf(cmd);
+      if (o.id === undefined && o.user === undefined && o.ip === undefined) {
+        throw new UsageError('grants revoke: give --id ID, or --user U [--ip IP], or --ip IP');
+      }
+      if (o.id !== undefined && (o.user !== undefined || o.ip !== undefined)) {
+        throw new UsageError('grants revoke: --id cannot be combined with --user or --ip');
+      }
+      const id = o.id !== undefined ? idArg(o.id) : undefined;
+      const user = o.user !== undefined ? userArg(config, o.user) : undefined;
+      const block = o.ip !== undefined ? blockOf(ipArg(o.ip), policySettings(config).prefixes) : undefined;
+      const now = Date.now();
+      const revoked = withStore(config, (s) => s.revokeGrants({ id, user, block }, actor(), o.reason, now));
+      if (o.json) return json(revoked.map((g) => grantJson(g, now)));
+      if (revoked.length === 0) return out('no active grant matched: nothing revoked');
+      out(`revoked ${revoked.length} grant${revoked.length === 1 ? '' : 's'}:`);
+      out(grantsTable(revoked, now));
+    });
+
+  // ---- users --------------------------------------------------------------------------------------------
+  const users = program.command('users').description('users the store knows: MFA on/off, exemptions, history');
+  users
+    .command('list')
+    .description('list users')
+    .option('--json', 'machine-readable output')
+    .action((o: { json?: boolean }, cmd: Command) => {
+      const config = configOf(cmd);
+      const now = Date.now();
+      const rows = withStore(config, (s) => s.listUsers());
+      const view = rows.map((u) => ({
+        user: u.name,
+        mfa_enabled: u.mfaEnabled,
+        exempt: u.exempt,
+        mfa_required: requiredNow(config, u.mfaEnabled, u.exempt, now),
+        since: new Date(u.createdAt).toISOString(),
+      }));
+      if (o.json) return json(view);
+      if (view.length === 0) return out('no users yet');
+      out(table(['USER', 'MFA', 'REQUIRED', 'EXEMPT', 'SINCE'], rows.map((u, i) => [u.name, u.mfaEnabled ? 'enabled' : 'off', view[i]?.mfa_required ? 'yes' : 'no', u.exempt ? 'yes' : 'no', formatTime(u.createdAt)])));
+    });
+  users
+    .command('show')
+    .description('one user: MFA state, active grants, last logins, recent changes')
+    .argument('<user>')
+    .option('--json', 'machine-readable output')
+    .action((raw: string, o: { json?: boolean }, cmd: Command) => {
+      const config = configOf(cmd);
+      const name = userArg(config, raw);
+      const now = Date.now();
+      const data = withStore(config, (s) => {
+        const u = s.getUser(name);
+        if (!u) throw new UsageError(`unknown user "${name}": the store has never seen it (no login, grant or setting yet)`, 1);
+        return { u, grants: s.listGrants({ user: name, now }), logins: s.loginsOf(name), audit: s.auditOf(name, 10) };
+      });
+      const { u } = data;
+      const required = requiredNow(config, u.mfaEnabled, u.exempt, now);
+      if (o.json) {
+        return json({
+          user: u.name,
+          mfa_enabled: u.mfaEnabled,
+          exempt: u.exempt,
+          mfa_required: required,
+          grants: data.grants.map((g) => grantJson(g, now)),
+          logins: data.logins.map((l) => ({
+            ip: l.ip,
+            protocol: l.protocol,
+            last_success_at: l.lastSuccessAt === null ? null : new Date(l.lastSuccessAt).toISOString(),
+            last_failure_at: l.lastFailureAt === null ? null : new Date(l.lastFailureAt).toISOString(),
+            last_policy_reject_at: l.lastPolicyRejectAt === null ? null : new Date(l.lastPolicyRejectAt).toISOString(),
+          })),
+          audit: data.audit.map((a) => ({ at: new Date(a.at).toISOString(), actor: a.actor, action: a.action, ip: a.ip, grant: a.grantId, detail: a.detail })),
+        });
+      }
+      out(`user:          ${u.name}`);
+      out(`MFA:           ${u.mfaEnabled ? 'enabled by the user' : 'not enabled'}${u.exempt ? ' (exempt)' : ''}`);
+      out(`MFA required:  ${required ? 'yes' : 'no'}${u.exempt ? ' (exempt)' : !u.mfaEnabled && required ? ' (site-wide required_from has passed)' : ''}`);
+      out(`known since:   ${formatTime(u.createdAt)}`);
+      out('');
+      out(data.grants.length ? 'active grants:\n' + grantsTable(data.grants, now) : 'active grants: none');
+      out(
+        data.logins.length
+          ? 'last logins:\n' +
+              table(['IP', 'PROTOCOL', 'LAST SUCCESS', 'LAST FAILURE', 'LAST REFUSED BY MFA'], data.logins.map((l) => [l.ip, l.protocol, formatTime(l.lastSuccessAt), formatTime(l.lastFailureAt), formatTime(l.lastPolicyRejectAt)]))
+          : 'last logins: none recorded',
+      );
+      if (data.audit.length) {
+        out('recent changes:\n' + table(['WHEN', 'ACTOR', 'ACTION', 'IP', 'DETAIL'], data.audit.map((a) => [formatTime(a.at), a.actor, a.action, a.ip ?? '-', JSON.stringify(a.detail)])));
+      }
+    });
+  const flagCommand = (name: string, description: string, flag: 'mfa_enabled' | 'exempt', value: boolean, mustExist: boolean) =>
+    users
+      .command(name)
+      .description(description)
+      .argument('<user>')
+      .option('--reason <text>', 'why, for the audit log', '')
+      .action((raw: string, o: { reason: string }, cmd: Command) => {
+        const config = configOf(cmd);
+        const user = userArg(config, raw);
+        const changed = withStore(config, (s) => {
+          if (mustExist && !s.getUser(user)) throw new UsageError(`unknown user "${user}": the store has never seen it`, 1);
+          return s.setUserFlag(user, flag, value, actor(), Date.now(), o.reason);
+        });
+        out(`${user}: ${changed ? '' : 'already '}${name === 'enable' ? 'MFA enabled' : name === 'disable' ? 'MFA disabled' : name === 'exempt' ? 'exempt from MFA' : 'no longer exempt'}`);
+      });
+  flagCommand('enable', 'require MFA for this user', 'mfa_enabled', true, false);
+  flagCommand('disable', 'stop requiring MFA for this user (site-wide required_from still applies)', 'mfa_enabled', false, true);
+  flagCommand('exempt', 'never require MFA for this user (service accounts)', 'exempt', true, false);
+  flagCommand('unexempt', 'remove the exemption', 'exempt', false, true);
+
+  // ---- check --------------------------------------------------------------------------------------------
+  program
+    .command('check')
+    .description('what would happen to a login now: the decision and the rule that made it (exit 0 allowed, 1 refused, 2 error)')
+    .requiredOption('--user <user>', 'the login name, as the mail program sends it')
+    .requiredOption('--ip <ip>', 'the client address')
+    .option('--protocol <name>', 'imap, pop3, smtp, submission, sieve, ...', 'imap')
+    .option('--real-ip <ip>', 'the TCP peer Dovecot saw, when a webmail host or proxy forwarded the login')
+    .option('--json', 'machine-readable output')
+    .action((o: { user: string; ip: string; protocol: string; realIp?: string; json?: boolean }, cmd: Command) => {
+      const config = configOf(cmd);
+      const user = userArg(config, o.user);
+      const address = ipArg(o.ip);
+      const realAddress = o.realIp !== undefined ? ipArg(o.realIp) : undefined;
+      if (!/^[a-z0-9_-]+$/i.test(o.protocol)) throw new UsageError(`--protocol: not a protocol name: ${JSON.stringify(o.protocol)}`);
+      const now = Date.now();
+      const d = withStore(config, (s) => decide(policySettings(config), { user, address, realAddress, protocol: o.protocol.toLowerCase(), now }, s));
+      if (o.json) {
+        json({ user, ip: address.toString(), block: d.block, protocol: o.protocol.toLowerCase(), result: d.allow ? 'allow' : 'refuse', verdict: d.verdict, rule: d.rule, explanation: describeRule(d.rule), log_only: d.logOnly, untrusted_range: d.untrustedRange, grant: d.grant ? { id: d.grant.id, expires_at: new Date(d.grant.expiresAt).toISOString() } : null });
+      } else {
+        out(`${d.allow ? 'ALLOW' : 'REFUSE'}  ${user} from ${address.toString()} (${o.protocol.toLowerCase()})`);
+        out(`rule: ${d.rule}: ${describeRule(d.rule)}`);
+        if (d.untrustedRange) out('note: the address is in an untrusted range ([networks] untrusted), so MFA applies even though it may be on campus');
+        if (d.grant) out(`grant: ${d.grant.id}, block ${d.block}, expires ${formatTime(d.grant.expiresAt)}`);
+        if (d.logOnly) out('note: enforcement mode is log-only, so this refusal is only logged and the login is let through');
+        if (!d.allow) out(`the mail program is told: ${config.dovecot.messages[o.protocol.toLowerCase()] ?? config.dovecot.message}`);
+      }
+      process.exitCode = d.allow ? 0 : 1;
+    });
+
+  // ---- config, db, stats --------------------------------------------------------------------------------
+  program
+    .command('config')
+    .description('configuration')
+    .command('check')
+    .description('read and check the configuration file; print what it resolves to')
+    .action((_o, cmd: Command) => {
+      const config = configOf(cmd);
+      out(`${config.file ?? '(no file: built-in defaults)'}: OK`);
+      out(`store:            ${config.store.path}`);
+      out(`dovecot listen:   ${config.dovecot.listen.map(formatEndpoint).join(', ')}${config.dovecot.apiKey ? ' (API key required)' : ' (no API key)'}`);
+      out(`postfix listen:   ${config.postfix.listen.map(formatEndpoint).join(', ')}`);
+      out(`enforcement:      ${config.enforcement.mode}; protocols ${config.enforcement.protocols.join(', ')}`);
+      out(`required for all: ${config.enforcement.requiredFrom === undefined ? 'no (users who enabled MFA only)' : 'from ' + formatTime(config.enforcement.requiredFrom)}`);
+      out(`grants:           ttl ${formatDuration(config.grants.ttlMs)}, IPv4 /${config.grants.ipv4Prefix}, IPv6 /${config.grants.ipv6Prefix}`);
+      out(`networks:         ${config.networks.trusted.length} trusted, ${config.networks.untrusted.length} untrusted, ${config.networks.webmail.length} webmail`);
+    });
+  program
+    .command('db')
+    .description('the store')
+    .command('migrate')
+    .description('create the store or bring its schema up to date')
+    .action((_o, cmd: Command) => {
+      const config = configOf(cmd);
+      const { from, to } = migrateFile(config.store.path);
+      out(from === to ? `${config.store.path}: schema version ${to}, up to date` : `${config.store.path}: migrated from schema version ${from} to ${to}`);
+    });
+  program
+    .command('stats')
+    .description('users, MFA enabled, active grants, and the running daemon\'s decisions since it started')
+    .option('--json', 'machine-readable output')
+    .action((o: { json?: boolean }, cmd: Command) => {
+      const config = configOf(cmd);
+      const now = Date.now();
+      const { counts, daemon } = withStore(config, (s) => ({ counts: s.counts(now), daemon: s.daemonStats() }));
+      if (o.json) {
+        return json({
+          users: counts.users,
+          mfa_enabled: counts.mfaEnabled,
+          exempt: counts.exempt,
+          active_grants: counts.activeGrants,
+          daemon: daemon
+            ? { pid: daemon.pid, running: daemon.stoppedAt === null, started_at: new Date(daemon.startedAt).toISOString(), as_of: new Date(daemon.updatedAt).toISOString(), decisions: { allowed: daemon.allowed, refused: daemon.refused, log_only: daemon.logOnly, bad_requests: daemon.badRequests } }
+            : null,
+        });
+      }
+      out(`users:          ${counts.users}`);
+      out(`MFA enabled:    ${counts.mfaEnabled}`);
+      out(`exempt:         ${counts.exempt}`);
+      out(`active grants:  ${counts.activeGrants}`);
+      if (!daemon) return out('daemon:         never started on this store');
+      out(`daemon:         pid ${daemon.pid}, ${daemon.stoppedAt === null ? 'started' : 'ran from'} ${formatTime(daemon.startedAt)}${daemon.stoppedAt === null ? '' : ' to ' + formatTime(daemon.stoppedAt)}`);
+      out(`decisions:      ${daemon.allowed} allowed, ${daemon.refused} refused, ${daemon.logOnly} refusals let through (log-only), ${daemon.badRequests} bad requests (as of ${formatTime(daemon.updatedAt)})`);
+    });
+
+  return program;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const program = buildProgram();
+  try {
+    await program.parseAsync(argv);
+    return typeof process.exitCode === 'number' ? process.exitCode : 0;
+  } catch (e) {
+    if (e instanceof CommanderError) {
+      // Help and version are not errors; everything else commander reports is a usage error.
+      return e.code === 'commander.helpDisplayed' || e.code === 'commander.help' || e.code === 'commander.version' ? 0 : 2;
+    }
+    if (e instanceof ConfigError) {
+      process.stderr.write(`mfagate: configuration error in ${e.message}\n`);
+      return 2;
+    }
+    if (e instanceof UsageError) {
+      process.stderr.write(`mfagate: ${e.message}\n`);
+      return e.exitCode;
+    }
+    if (e instanceof StoreError) {
+      process.stderr.write(`mfagate: ${e.message}\n`);
+      return 1;
+    }
+    process.stderr.write(`mfagate: ${errorText(e)}\n`);
+    return 1;
+  }
+}
+
+main(process.argv).then((code) => {
+  if (code !== 0 || process.exitCode === undefined) process.exitCode = code;
+});

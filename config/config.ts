@@ -1,0 +1,253 @@
+// The configuration: TOML on disk, checked key by key, with built-in defaults that work on a fresh checkout.
+// A bad file is refused with the file, the key and what was expected.
+import fs from 'node:fs';
+import path from 'node:path';
+import { parse as parseToml, TomlDate, TomlError } from 'smol-toml';
+import { z } from 'zod';
+import { parseCidr, RangeList } from '../policy/address.js';
+import type { PolicySettings } from '../policy/decide.js';
+import type { UserNameRules } from '../policy/user.js';
+import { normaliseUser } from '../policy/user.js';
+import { DURATION_EXPECTED, parseDuration } from './duration.js';
+import { type Endpoint, LISTEN_EXPECTED, parseEndpoint } from './listen.js';
+
+export const DEFAULT_PROTOCOLS = ['imap', 'pop3', 'smtp', 'submission', 'sieve'];
+export const DEFAULT_DOVECOT_MESSAGE =
+  '[AUTHENTICATIONFAILED] MFA required: sign in to webmail from this network (browser), pass MFA, then retry';
+export const DEFAULT_REJECT_ACTION =
+  '554 5.7.1 MFA required: sign in to webmail from this network (browser), pass MFA, then retry';
+
+export class ConfigError extends Error {
+  constructor(
+    readonly file: string,
+    readonly problems: string[],
+  ) {
+    super(`${file}: ${problems.length === 1 ? problems[0] : '\n  ' + problems.join('\n  ')}`);
+    this.name = 'ConfigError';
+  }
+}
+
+export interface Config {
+  /** The file the configuration came from, or undefined for the built-in defaults. */
+  file: string | undefined;
+  store: { path: string };
+  grants: { ttlMs: number; ipv4Prefix: number; ipv6Prefix: number; purgeAfterMs: number };
+  networks: { trusted: string[]; untrusted: string[]; webmail: string[] };
+  enforcement: {
+    mode: 'enforce' | 'log-only' | 'off';
+    requiredFrom: number | undefined;
+    exemptUsers: string[];
+    protocols: string[];
+  };
+  users: UserNameRules;
+  dovecot: {
+    listen: Endpoint[];
+    apiKey: string;
+    apiHeader: string;
+    message: string;
+    messages: Record<string, string>;
+    maxBodyBytes: number;
+  };
+  postfix: { listen: Endpoint[]; socketMode: number; rejectAction: string };
+  log: { level: 'debug' | 'info' | 'warn' | 'error' };
+}
+
+// ---- field checks -------------------------------------------------------------------------------------
+
+const duration = z.string().refine((s) => parseDuration(s) !== undefined, { message: `expected ${DURATION_EXPECTED}` });
+
+const cidrList = z.array(
+  z.string().refine((s) => parseCidr(s) !== undefined, {
+    message: 'expected an IP address or CIDR range such as "192.0.2.0/24" or "2001:db8::/48"',
+  }),
+);
+
+// Text a mail program shows: printable ASCII on one line (non-ASCII is shown badly by IMAP/POP/SMTP clients).
+const asciiLine = (what: string, max: number) =>
+  z
+    .string()
+    .min(1, { message: `expected ${what}, not empty` })
+    .max(max, { message: `expected at most ${max} characters` })
+    .refine((s) => /^[\x20-\x7e]+$/.test(s), { message: `expected ${what} in printable ASCII on one line` });
+
+const ACTION_WORDS = /^(REJECT|DEFER|DEFER_IF_PERMIT|DEFER_IF_REJECT|HOLD|DISCARD|WARN|INFO)(\s|$)|^[45]\d\d(\s|$)/i;
+
+const listen = z.array(z.string()).refine((a) => a.length > 0, { message: 'expected at least one listener' });
+
+const socketMode = z.string().refine((s) => /^0?[0-7]{3}$/.test(s), { message: 'expected an octal mode such as "0660"' });
+
+const rfc3339 =
+  /^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$/;
+
+const schema = z.strictObject({
+  store: z.strictObject({ path: z.string().min(1, { message: 'expected a file path' }).default('var/mfagate.db') }).prefault({}),
+  grants: z
+    .strictObject({
+      ttl: duration.default('14h'),
+      ipv4_prefix: z.int().min(8, { message: 'expected 8..32' }).max(32, { message: 'expected 8..32' }).default(32),
+      ipv6_prefix: z.int().min(16, { message: 'expected 16..128' }).max(128, { message: 'expected 16..128' }).default(64),
+      purge_after: duration.default('30d'),
+    })
+    .prefault({}),
+  networks: z
+    .strictObject({ trusted: cidrList.default([]), untrusted: cidrList.default([]), webmail: cidrList.default([]) })
+    .prefault({}),
+  enforcement: z
+    .strictObject({
+      mode: z.enum(['enforce', 'log-only', 'off'], { message: 'expected "enforce", "log-only" or "off"' }).default('enforce'),
+      required_from: z
+        .union([z.string(), z.instanceof(TomlDate)])
+        .refine((v) => (v instanceof TomlDate ? v.isDateTime() && !v.isLocal() : v === '' || (rfc3339.test(v) && !Number.isNaN(Date.parse(v)))), {
+          message: 'expected an RFC 3339 instant such as "2026-04-01T00:00:00+09:00", or "" for never',
+        })
+        .default(''),
+      exempt_users: z.array(z.string().min(1)).default([]),
+      protocols: z.array(z.string().regex(/^[a-z0-9_-]+$/i, { message: 'expected a protocol name such as "imap"' })).default(DEFAULT_PROTOCOLS),
+    })
+    .prefault({}),
+  users: z
+    .strictObject({
+      strip_realms: z.array(z.string().regex(/^[^@\s]+$/, { message: 'expected a domain such as "example.ac.jp" (no "@")' })).default([]),
+      lowercase: z.boolean().default(true),
+    })
+    .prefault({}),
+  dovecot: z
+    .strictObject({
+      listen: listen.default(['127.0.0.1:8470']),
+      api_key: z.string().default(''),
+      api_header: z.string().regex(/^[A-Za-z0-9-]+$/, { message: 'expected an HTTP header name such as "X-API-Key"' }).default('X-API-Key'),
+      message: asciiLine('the message a refused mail program shows', 400).default(DEFAULT_DOVECOT_MESSAGE),
+      messages: z.record(z.string(), asciiLine('the message a refused mail program shows', 400)).default({}),
+      max_body_bytes: z.int().min(1024).max(1 << 20).default(65536),
+    })
+    .prefault({}),
+  postfix: z
+    .strictObject({
+      listen: listen.default(['unix:var/postfix-policy.sock']),
+      socket_mode: socketMode.default('0660'),
+      reject_action: asciiLine('an access(5) action', 4000)
+        .refine((s) => ACTION_WORDS.test(s), {
+          message: 'expected an access(5) action such as "554 5.7.1 text", "REJECT text" or "DEFER_IF_PERMIT text"',
+        })
+        .default(DEFAULT_REJECT_ACTION),
+    })
+    .prefault({}),
+  log: z
+    .strictObject({ level: z.enum(['debug', 'info', 'warn', 'error'], { message: 'expected "debug", "info", "warn" or "error"' }).default('info') })
+    .prefault({}),
+});
+
+type RawConfig = z.output<typeof schema>;
+
+// ---- loading -------------------------------------------------------------------------------------------
+
+/** Which file to read: --config, then $MFAGATE_CONFIG, then ./mfagate.toml if it exists, else none (defaults). */
+export function locateConfig(explicit: string | undefined, env: NodeJS.ProcessEnv = process.env, cwd = process.cwd()): string | undefined {
+  if (explicit !== undefined && explicit !== '') return path.resolve(cwd, explicit);
+  const fromEnv = env['MFAGATE_CONFIG'];
+  if (fromEnv !== undefined && fromEnv !== '') return path.resolve(cwd, fromEnv);
+  const local = path.resolve(cwd, 'mfagate.toml');
+  return fs.existsSync(local) ? local : undefined;
+}
+
+export function loadConfig(file: string | undefined, cwd = process.cwd()): Config {
+  if (file === undefined) return fromRaw(schema.parse({}), undefined, cwd);
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (e) {
+    throw new ConfigError(file, [`cannot read the file: ${(e as Error).message}`]);
+  }
+  return parseConfigText(text, file);
+}
+
+export function parseConfigText(text: string, file: string): Config {
+  let data: unknown;
+  try {
+    data = parseToml(text);
+  } catch (e) {
+    const where = e instanceof TomlError ? `line ${e.line}, column ${e.column}: ` : '';
+    const first = (e as Error).message.split('\n')[0] ?? '';
+    throw new ConfigError(file, [`${where}not valid TOML: ${first}`]);
+  }
+  const result = schema.safeParse(data);
+  if (!result.success) {
+    const problems = result.error.issues.map((issue) => {
+      const key = issue.path.map(String).join('.');
+      if (issue.code === 'unrecognized_keys') {
+        const keys = issue.keys.map((k) => (key ? `${key}.${k}` : k));
+        return `${keys.join(', ')}: unknown key${keys.length > 1 ? 's' : ''} (see docs/configuration.md)`;
+      }
+      return `${key || '(top level)'}: ${issue.message}`;
+    });
+    throw new ConfigError(file, problems);
+  }
+  return fromRaw(result.data, file, path.dirname(file));
+}
+
+function fromRaw(raw: RawConfig, file: string | undefined, baseDir: string): Config {
+  const problems: string[] = [];
+  const endpoints = (key: string, list: string[]): Endpoint[] =>
+    list.flatMap((s, i) => {
+      const e = parseEndpoint(s, baseDir);
+      if (!e) {
+        problems.push(`${key}.${i}: expected ${LISTEN_EXPECTED} (UNIX paths at most 107 bytes), got ${JSON.stringify(s)}`);
+        return [];
+      }
+      return [e];
+    });
+  const userRules: UserNameRules = { lowercase: raw.users.lowercase, stripRealms: raw.users.strip_realms };
+  const rf = raw.enforcement.required_from;
+  const config: Config = {
+    file,
+    store: { path: path.resolve(baseDir, raw.store.path) },
+    grants: {
+      ttlMs: parseDuration(raw.grants.ttl) ?? 0,
+      ipv4Prefix: raw.grants.ipv4_prefix,
+      ipv6Prefix: raw.grants.ipv6_prefix,
+      purgeAfterMs: parseDuration(raw.grants.purge_after) ?? 0,
+    },
+    networks: raw.networks,
+    enforcement: {
+      mode: raw.enforcement.mode,
+      requiredFrom: rf instanceof TomlDate ? rf.getTime() : rf === '' ? undefined : Date.parse(rf),
+      exemptUsers: raw.enforcement.exempt_users.map((u) => normaliseUser(u, userRules)),
+      protocols: raw.enforcement.protocols.map((p) => p.toLowerCase()),
+    },
+    users: userRules,
+    dovecot: {
+      listen: endpoints('dovecot.listen', raw.dovecot.listen),
+      apiKey: raw.dovecot.api_key,
+      apiHeader: raw.dovecot.api_header.toLowerCase(),
+      message: raw.dovecot.message,
+      messages: Object.fromEntries(Object.entries(raw.dovecot.messages).map(([k, v]) => [k.toLowerCase(), v])),
+      maxBodyBytes: raw.dovecot.max_body_bytes,
+    },
+    postfix: {
+      listen: endpoints('postfix.listen', raw.postfix.listen),
+      socketMode: parseInt(raw.postfix.socket_mode, 8),
+      rejectAction: raw.postfix.reject_action,
+    },
+    log: raw.log,
+  };
+  if (problems.length > 0) throw new ConfigError(file ?? '(built-in defaults)', problems);
+  return config;
+}
+
+export function policySettings(config: Config): PolicySettings {
+  return {
+    mode: config.enforcement.mode,
+    requiredFrom: config.enforcement.requiredFrom,
+    exemptUsers: new Set(config.enforcement.exemptUsers),
+    protocols: new Set(config.enforcement.protocols),
+    trusted: new RangeList(config.networks.trusted),
+    untrusted: new RangeList(config.networks.untrusted),
+    webmail: new RangeList(config.networks.webmail),
+    prefixes: { ipv4: config.grants.ipv4Prefix, ipv6: config.grants.ipv6Prefix },
+  };
+}
+
+/** What the refused mail program sees for this protocol. */
+export function refusalMessage(config: Config, protocol: string): string {
+  return config.dovecot.messages[protocol.toLowerCase()] ?? config.dovecot.message;
+}

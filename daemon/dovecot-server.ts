@@ -1,0 +1,91 @@
+// The Dovecot auth-policy endpoint: HTTP/1.1 with keep-alive. Thin: parse, ask the service, format.
+import crypto from 'node:crypto';
+import http from 'node:http';
+import { allowBody, parseDovecotBody, parseTarget, refuseBody } from './dovecot-protocol.js';
+import type { PolicyService } from './service.js';
+
+const JSON_HEADERS = { 'content-type': 'application/json' };
+
+function safeEqual(a: string, b: string): boolean {
+  const ha = crypto.createHash('sha256').update(a).digest();
+  const hb = crypto.createHash('sha256').update(b).digest();
+  return crypto.timingSafeEqual(ha, hb);
+}
+
+/** The key Dovecot sent: the configured header, or X-API-Key (Dovecot's default when no header name is given). */
+function presentedKey(req: http.IncomingMessage, header: string): string | undefined {
+  const v = req.headers[header] ?? req.headers['x-api-key'];
+  return Array.isArray(v) ? v[0] : v;
+}
+
+export function createDovecotServer(service: PolicyService): http.Server {
+  const server = http.createServer({ keepAlive: true }, (req, res) => {
+    const send = (status: number, body: string, headers: http.OutgoingHttpHeaders = JSON_HEADERS) => {
+      if (res.headersSent) return;
+      res.writeHead(status, { ...headers, 'content-length': Buffer.byteLength(body) });
+      res.end(body);
+    };
+    const fail = (status: number, error: string, drain = true) => {
+      service.counters.badRequests++;
+      service.logger.log('warn', 'bad-request', { endpoint: 'dovecot', status, error, peer: req.socket.remoteAddress });
+      if (!drain) res.setHeader('connection', 'close');
+      send(status, JSON.stringify({ error }));
+      if (!drain) req.destroy();
+    };
+
+    const target = parseTarget(req.url ?? '/');
+    if (!target.ok) return fail(400, target.error);
+    if (target.value.path !== '/') return fail(404, 'unknown path');
+    if (req.method !== 'POST') return send(405, JSON.stringify({ error: 'use POST' }), { ...JSON_HEADERS, allow: 'POST' });
+    const command = target.value.command;
+    if (command !== 'allow' && command !== 'report') return fail(400, 'command must be "allow" or "report"');
+
+    const { apiKey, apiHeader, maxBodyBytes } = service.config.dovecot;
+    if (apiKey !== '') {
+      const key = presentedKey(req, apiHeader);
+      if (key === undefined || !safeEqual(key, apiKey)) return fail(401, 'missing or wrong API key');
+    }
+    const declared = Number(req.headers['content-length'] ?? '0');
+    if (declared > maxBodyBytes) return fail(413, `body larger than ${maxBodyBytes} bytes`, false);
+
+    const chunks: Buffer[] = [];
+    let size = 0;
+    let tooBig = false;
+    req.on('data', (c: Buffer) => {
+      size += c.length;
+      if (size > maxBodyBytes) {
+        if (!tooBig) fail(413, `body larger than ${maxBodyBytes} bytes`, false);
+        tooBig = true;
+        return;
+      }
+      chunks.push(c);
+    });
+    req.on('error', () => req.destroy());
+    req.on('end', () => {
+      if (tooBig) return;
+      const parsed = parseDovecotBody(Buffer.concat(chunks).toString('utf8'));
+      if (!parsed.ok) return fail(400, parsed.error);
+      const r = parsed.value;
+      if (command === 'report') {
+        const stored = service.report(r.login, r.remote, r.protocol, r.success === true, r.policyReject === true);
+        if (!stored) return fail(400, 'report with an unacceptable login or remote address');
+        return send(200, '{}');
+      }
+      const outcome = service.check({ endpoint: 'dovecot', login: r.login, remote: r.remote, realRemote: r.realRemote, protocol: r.protocol });
+      if (!outcome.ok) return send(400, JSON.stringify({ error: outcome.error }));
+      send(200, outcome.decision.allow ? allowBody() : refuseBody(outcome.message));
+    });
+  });
+  // Dovecot keeps idle connections for 10 s; hold ours a little longer so it is the one to close them.
+  server.keepAliveTimeout = 15_000;
+  server.headersTimeout = 10_000;
+  server.requestTimeout = 10_000;
+  server.maxHeadersCount = 100;
+  server.on('clientError', (err, socket) => {
+    service.counters.badRequests++;
+    service.logger.log('warn', 'bad-request', { endpoint: 'dovecot', error: `malformed HTTP: ${err.message}` });
+    if (socket.writable) socket.end('HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n');
+    else socket.destroy();
+  });
+  return server;
+}

@@ -1,0 +1,90 @@
+// The decision: one pure function used by every endpoint and by `mfagate check`.
+// It imports no I/O. What it needs to know about users and grants comes through `Facts`,
+// which the caller backs with the store (or, in tests, with plain objects).
+import { type Address, type BlockPrefixes, RangeList, blockOf } from './address.js';
+import type { RuleCode } from './rules.js';
+
+export type EnforcementMode = 'enforce' | 'log-only' | 'off';
+
+export interface PolicySettings {
+  mode: EnforcementMode;
+  /** Epoch ms from which MFA is required for every user; undefined = never. */
+  requiredFrom: number | undefined;
+  /** Normalised user names that are never required to pass MFA. */
+  exemptUsers: ReadonlySet<string>;
+  protocols: ReadonlySet<string>;
+  trusted: RangeList;
+  untrusted: RangeList;
+  webmail: RangeList;
+  prefixes: BlockPrefixes;
+}
+
+export interface UserFacts {
+  mfaEnabled: boolean;
+  exempt: boolean;
+}
+
+export interface GrantFacts {
+  id: number;
+  expiresAt: number;
+}
+
+/** Read-only views of the store. Called lazily: most decisions never touch the store. */
+export interface Facts {
+  user(name: string): UserFacts | undefined;
+  activeGrant(user: string, block: string, now: number): GrantFacts | undefined;
+}
+
+export interface DecisionRequest {
+  /** Already normalised (see normaliseUser). */
+  user: string;
+  address: Address;
+  /** The TCP peer Dovecot saw (real_remote), when known. */
+  realAddress?: Address | undefined;
+  protocol: string;
+  now: number;
+}
+
+export interface Decision {
+  allow: boolean;
+  /** What the rules decided, before log-only mode turned a refusal into an allow. */
+  verdict: 'allow' | 'refuse';
+  rule: RuleCode;
+  block: string;
+  /** In log-only mode, a refusal that was let through. */
+  logOnly: boolean;
+  /** The address is in an untrusted range (eduroam): why a campus address still needed MFA. */
+  untrustedRange: boolean;
+  grant?: GrantFacts;
+}
+
+export function decide(settings: PolicySettings, req: DecisionRequest, facts: Facts): Decision {
+  const block = blockOf(req.address, settings.prefixes);
+  let untrustedRange = false;
+  const done = (verdict: 'allow' | 'refuse', rule: RuleCode, grant?: GrantFacts): Decision => {
+    const logOnly = verdict === 'refuse' && settings.mode === 'log-only';
+    const d: Decision = { allow: verdict === 'allow' || logOnly, verdict, rule, block, logOnly, untrustedRange };
+    if (grant) d.grant = grant;
+    return d;
+  };
+
+  // 1. Enforcement off allows everything (log-only is applied in `done`).
+  if (settings.mode === 'off') return done('allow', 'enforcement-off');
+  // 2. Protocols outside the enforced list.
+  if (!settings.protocols.has(req.protocol.toLowerCase())) return done('allow', 'protocol-not-enforced');
+  // 3. Networks. The webmail host comes first: it does its own MFA whatever the browser's address.
+  if (req.realAddress && settings.webmail.has(req.realAddress)) return done('allow', 'webmail-host');
+  untrustedRange = settings.untrusted.has(req.address);
+  if (!untrustedRange && settings.trusted.has(req.address)) return done('allow', 'trusted-network');
+  // 4. Is MFA required for this user?
+  if (settings.exemptUsers.has(req.user)) return done('allow', 'user-exempt');
+  const user = facts.user(req.user);
+  if (user?.exempt) return done('allow', 'user-exempt');
+  const siteWide = settings.requiredFrom !== undefined && req.now >= settings.requiredFrom;
+  if (!user?.mfaEnabled && !siteWide) return done('allow', 'mfa-not-required');
+  // 5. A grant for (user, block).
+  const grant = facts.activeGrant(req.user, block, req.now);
+  if (grant) return done('allow', 'grant', grant);
+  // 6. Refuse.
+  return done('refuse', 'no-grant');
+}

@@ -1,0 +1,72 @@
+// Versioned schema migrations. PRAGMA user_version holds the version the file is at.
+// Append new migrations; never edit one that has shipped.
+
+export const MIGRATIONS: readonly { version: number; name: string; sql: string }[] = [
+  {
+    version: 1,
+    name: 'users, grants, logins, audit log, daemon stats',
+    sql: `
+      CREATE TABLE users (
+        name        TEXT PRIMARY KEY,
+        mfa_enabled INTEGER NOT NULL DEFAULT 0 CHECK (mfa_enabled IN (0, 1)),
+        exempt      INTEGER NOT NULL DEFAULT 0 CHECK (exempt IN (0, 1)),
+        created_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL
+      ) WITHOUT ROWID;
+
+      CREATE TABLE grants (
+        id            INTEGER PRIMARY KEY,
+        user          TEXT NOT NULL,
+        block         TEXT NOT NULL,
+        ip            TEXT NOT NULL,
+        created_at    INTEGER NOT NULL,
+        expires_at    INTEGER NOT NULL,
+        method        TEXT NOT NULL,
+        source        TEXT NOT NULL,
+        reason        TEXT NOT NULL DEFAULT '',
+        revoked_at    INTEGER,
+        revoked_by    TEXT,
+        revoke_reason TEXT
+      );
+      CREATE INDEX grants_active ON grants (user, block, expires_at) WHERE revoked_at IS NULL;
+      CREATE INDEX grants_block ON grants (block);
+      CREATE INDEX grants_expires ON grants (expires_at);
+
+      CREATE TABLE logins (
+        user                  TEXT NOT NULL,
+        ip                    TEXT NOT NULL,
+        protocol              TEXT NOT NULL,
+        last_success_at       INTEGER,
+        last_failure_at       INTEGER,
+        last_policy_reject_at INTEGER,
+        PRIMARY KEY (user, ip)
+      ) WITHOUT ROWID;
+
+      CREATE TABLE audit (
+        id       INTEGER PRIMARY KEY,
+        at       INTEGER NOT NULL,
+        actor    TEXT NOT NULL,
+        action   TEXT NOT NULL,
+        user     TEXT,
+        ip       TEXT,
+        grant_id INTEGER,
+        detail   TEXT NOT NULL DEFAULT '{}'
+      );
+      CREATE INDEX audit_user ON audit (user, at);
+
+      CREATE TABLE daemon_stats (
+        id          INTEGER PRIMARY KEY CHECK (id = 1),
+        pid         INTEGER NOT NULL,
+        started_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL,
+        stopped_at  INTEGER,
+        allowed     INTEGER NOT NULL DEFAULT 0,
+        refused     INTEGER NOT NULL DEFAULT 0,
+        log_only    INTEGER NOT NULL DEFAULT 0,
+        bad_requests INTEGER NOT NULL DEFAULT 0
+      );
+    `,
+  },
+];
+
+export const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]?.version ?? 0;
