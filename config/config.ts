@@ -72,7 +72,9 @@ const asciiLine = (what: string, max: number) =>
 
 const ACTION_WORDS = /^(REJECT|DEFER|DEFER_IF_PERMIT|DEFER_IF_REJECT|HOLD|DISCARD|WARN|INFO)(\s|$)|^[45]\d\d(\s|$)/i;
 
-const listen = z.array(z.string()).refine((a) => a.length > 0, { message: 'expected at least one listener' });
+const listen = z
+  .array(z.string().refine((s) => parseEndpoint(s, "/") !== undefined, { message: `expected ${LISTEN_EXPECTED} (UNIX paths at most 107 bytes)` }))
+  .refine((a) => a.length > 0, { message: 'expected at least one listener' });
 
 const socketMode = z.string().refine((s) => /^0?[0-7]{3}$/.test(s), { message: 'expected an octal mode such as "0660"' });
 

@@ -20,7 +20,8 @@ export function parseEndpoint(text: string, baseDir: string): Endpoint | undefin
   if (!m) return undefined;
   const host = m[1] ?? m[2] ?? '';
   const port = Number(m[3]);
-  if (port < 1 || port > 65535) return undefined;
+  // Port 0 binds any free port (tests); the daemon prints the real one when it starts.
+  if (port > 65535) return undefined;
   if (m[1] !== undefined && net.isIPv6(host) === false) return undefined;
   if (m[2] !== undefined && !net.isIPv4(host) && host !== 'localhost') return undefined;
   return { kind: 'tcp', host, port };

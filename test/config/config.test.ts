@@ -1,0 +1,143 @@
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import t from 'tap';
+import { ConfigError, DEFAULT_DOVECOT_MESSAGE, loadConfig, locateConfig, parseConfigText } from '../../config/config.js';
+import { formatDuration, parseDuration } from '../../config/duration.js';
+import { parseEndpoint } from '../../config/listen.js';
+
+const problemsOf = (text: string): string[] => {
+  try {
+    parseConfigText(text, '/etc/mfagate/mfagate.toml');
+  } catch (e) {
+    if (e instanceof ConfigError) return e.problems;
+    throw e;
+  }
+  return [];
+};
+
+t.test('built-in defaults work on a fresh checkout', async (t) => {
+  const c = loadConfig(undefined, '/srv/checkout');
+  t.equal(c.file, undefined);
+  t.equal(c.store.path, '/srv/checkout/var/mfagate.db');
+  t.same(c.dovecot.listen, [{ kind: 'tcp', host: '127.0.0.1', port: 8470 }]);
+  t.same(c.postfix.listen, [{ kind: 'unix', path: '/srv/checkout/var/postfix-policy.sock' }]);
+  t.equal(c.postfix.socketMode, 0o660);
+  t.equal(c.grants.ttlMs, 14 * 3600_000);
+  t.equal(c.grants.ipv6Prefix, 64);
+  t.equal(c.enforcement.mode, 'enforce');
+  t.equal(c.enforcement.requiredFrom, undefined);
+  t.same(c.enforcement.protocols, ['imap', 'pop3', 'smtp', 'submission', 'sieve']);
+  t.equal(c.dovecot.message, DEFAULT_DOVECOT_MESSAGE);
+  t.match(c.dovecot.message, /^\[AUTHENTICATIONFAILED\] [\x20-\x7e]+$/);
+});
+
+t.test('a full file, relative paths against the file directory', async (t) => {
+  const c = parseConfigText(
+    `
+[store]
+path = "state/m.db"
+[grants]
+ttl = "1h30m"
+ipv4_prefix = 24
+ipv6_prefix = 56
+[networks]
+trusted = ["10.0.0.0/8", "2001:db8:ca::/48"]
+untrusted = ["10.20.0.0/16"]
+webmail = ["192.0.2.10"]
+[enforcement]
+mode = "log-only"
+required_from = "2026-04-01T00:00:00+09:00"
+exempt_users = ["SVC@example.ac.jp"]
+protocols = ["IMAP", "pop3"]
+[users]
+strip_realms = ["example.ac.jp"]
+[dovecot]
+listen = ["127.0.0.1:9000", "[::1]:9000", "unix:run/dovecot.sock"]
+api_key = "k"
+message = "[AUTHENTICATIONFAILED] MFA required: see https://mail.example.ac.jp/mfa"
+messages = { pop3 = "MFA required (POP)" }
+[postfix]
+listen = ["unix:/run/mfagate/policy.sock", "127.0.0.1:9001"]
+socket_mode = "0666"
+reject_action = "REJECT MFA required"
+`,
+    '/etc/mfagate/mfagate.toml',
+  );
+  t.equal(c.store.path, '/etc/mfagate/state/m.db');
+  t.equal(c.grants.ttlMs, 90 * 60_000);
+  t.equal(c.enforcement.requiredFrom, Date.parse('2026-03-31T15:00:00Z'));
+  t.same(c.enforcement.exemptUsers, ['svc'], 'exempt users are normalised like logins');
+  t.same(c.enforcement.protocols, ['imap', 'pop3']);
+  t.same(c.dovecot.listen[1], { kind: 'tcp', host: '::1', port: 9000 });
+  t.same(c.dovecot.listen[2], { kind: 'unix', path: '/etc/mfagate/run/dovecot.sock' });
+  t.equal(c.postfix.socketMode, 0o666);
+  t.equal(c.dovecot.messages['pop3'], 'MFA required (POP)');
+});
+
+t.test('a TOML date-time works for required_from; a local one does not', async (t) => {
+  const c = parseConfigText('[enforcement]\nrequired_from = 2026-04-01T00:00:00+09:00\n', '/x.toml');
+  t.equal(c.enforcement.requiredFrom, Date.parse('2026-03-31T15:00:00Z'));
+  t.match(problemsOf('[enforcement]\nrequired_from = 2026-04-01T00:00:00\n').join(), /enforcement\.required_from: expected an RFC 3339 instant/);
+});
+
+t.test('errors name the file, the key and what was expected', async (t) => {
+  const table: [string, RegExp][] = [
+    ['[grants]\nttl = "14 hours"', /^grants\.ttl: expected a duration such as "14h"/],
+    ['[grants]\nttl = 14', /^grants\.ttl: /],
+    ['[grants]\nipv6_prefix = 200', /^grants\.ipv6_prefix: expected 16\.\.128/],
+    ['[networks]\ntrusted = ["10.0.0.0/33"]', /^networks\.trusted\.0: expected an IP address or CIDR range/],
+    ['[enforcement]\nmode = "strict"', /^enforcement\.mode: expected "enforce", "log-only" or "off"/],
+    ['[enforcement]\nrequired_from = "tomorrow"', /^enforcement\.required_from: expected an RFC 3339 instant/],
+    ['[dovecot]\nlisten = ["8470"]', /^dovecot\.listen\.0: expected "host:port"/],
+    ['[dovecot]\nlisten = ["example.com:8470"]', /^dovecot\.listen\.0: /],
+    ['[dovecot]\nlisten = []', /^dovecot\.listen: expected at least one listener/],
+    ['[dovecot]\nmessage = "多要素認証が必要です"', /^dovecot\.message: expected .* printable ASCII/],
+    ['[dovecot]\nmessage = "line\\nbreak"', /^dovecot\.message: /],
+    ['[postfix]\nreject_action = "please go away"', /^postfix\.reject_action: expected an access\(5\) action/],
+    ['[postfix]\nsocket_mode = "rw"', /^postfix\.socket_mode: expected an octal mode/],
+    ['[postfix]\nlisten = ["unix:' + 'x'.repeat(120) + '"]', /^postfix\.listen\.0: .*107 bytes/],
+    ['[grant]\nttl = "1h"', /^grant: unknown key/],
+    ['[grants]\ntll = "1h"', /^grants\.tll: unknown key/],
+    ['[users]\nstrip_realms = ["@example.ac.jp"]', /^users\.strip_realms\.0: expected a domain/],
+    ['[store\npath = 1', /^line 1, column \d+: not valid TOML/],
+  ];
+  for (const [text, re] of table) {
+    let err: unknown;
+    try {
+      parseConfigText(text, '/etc/mfagate/mfagate.toml');
+    } catch (e) {
+      err = e;
+    }
+    t.type(err, ConfigError, text);
+    if (!(err instanceof ConfigError)) continue;
+    t.match(err.problems[0] ?? '', re, text);
+    t.match(err.message, /^\/etc\/mfagate\/mfagate\.toml: /, 'names the file');
+  }
+  t.equal(problemsOf('[grants]\nttl = "x"\n[enforcement]\nmode = "y"').length, 2, 'every problem is reported at once');
+});
+
+t.test('locating the file: --config, $MFAGATE_CONFIG, ./mfagate.toml, defaults', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mfagate-cfg-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  t.equal(locateConfig(undefined, {}, dir), undefined);
+  fs.writeFileSync(path.join(dir, 'mfagate.toml'), '');
+  t.equal(locateConfig(undefined, {}, dir), path.join(dir, 'mfagate.toml'));
+  t.equal(locateConfig(undefined, { MFAGATE_CONFIG: 'env.toml' }, dir), path.join(dir, 'env.toml'));
+  t.equal(locateConfig('/etc/x.toml', { MFAGATE_CONFIG: 'env.toml' }, dir), '/etc/x.toml');
+  t.throws(() => loadConfig(path.join(dir, 'missing.toml')), /missing\.toml: cannot read the file/);
+});
+
+t.test('durations and endpoints', async (t) => {
+  t.equal(parseDuration('14h'), 14 * 3600_000);
+  t.equal(parseDuration('30m'), 1800_000);
+  t.equal(parseDuration('90s'), 90_000);
+  t.equal(parseDuration('1d2h'), 26 * 3600_000);
+  for (const bad of ['', '0s', '14', 'h', '-1h', '1.5h', '14 h', '1w']) t.equal(parseDuration(bad), undefined, bad);
+  t.equal(formatDuration(50_400_000), '14h');
+  t.equal(formatDuration(5_400_000), '1h30m');
+  t.same(parseEndpoint('127.0.0.1:1', '/'), { kind: 'tcp', host: '127.0.0.1', port: 1 });
+  t.same(parseEndpoint('[::1]:65535', '/'), { kind: 'tcp', host: '::1', port: 65535 });
+  t.same(parseEndpoint('localhost:25', '/'), { kind: 'tcp', host: 'localhost', port: 25 });
+  for (const bad of ['127.0.0.1:65536', '::1:80', '[::1]', 'unix:', '127.0.0.1', '[zz]:1']) t.equal(parseEndpoint(bad, '/'), undefined, bad);
+});
