@@ -11,7 +11,7 @@ import { blockOf, parseAddress } from '../policy/address.js';
 import { decide } from '../policy/decide.js';
 import { describeRule } from '../policy/rules.js';
 import { isAcceptableUserName, normaliseUser } from '../policy/user.js';
-import { type GrantRow, Store, StoreError, migrateFile } from '../store/store.js';
+import { type GrantRow, Store, migrateFile } from '../store/store.js';
 import { formatTime, table } from './format.js';
 
 /** An error the operator caused: printed without a stack, exit code as given. */
@@ -24,6 +24,15 @@ class UsageError extends Error {
 interface GlobalOpts {
   config?: string;
 }
+
+// `mfagate ... | head` closes the pipe early: that is not an error worth a stack trace.
+process.stdout.on('error', (e: NodeJS.ErrnoException) => {
+  if (e.code === 'EPIPE') process.exit(process.exitCode ?? 0);
+  throw e;
+});
+
+/** Set by `check`, whose exit status 1 means "refused": its failures must not look like a refusal. */
+let deciding = false;
 
 function out(text: string): void {
   process.stdout.write(text.endsWith('\n') ? text : text + '\n');
@@ -334,6 +343,7 @@ export function buildProgram(): Command {
     .option('--real-ip <ip>', 'the TCP peer Dovecot saw, when a webmail host or proxy forwarded the login')
     .option('--json', 'machine-readable output')
     .action((o: { user: string; ip: string; protocol: string; realIp?: string; json?: boolean }, cmd: Command) => {
+      deciding = true;
       const config = configOf(cmd);
       const user = userArg(config, o.user);
       const address = ipArg(o.ip);
@@ -428,14 +438,11 @@ export async function main(argv: string[]): Promise<number> {
     }
     if (e instanceof UsageError) {
       process.stderr.write(`mfagate: ${e.message}\n`);
-      return e.exitCode;
+      return deciding ? 2 : e.exitCode;
     }
-    if (e instanceof StoreError) {
-      process.stderr.write(`mfagate: ${e.message}\n`);
-      return 1;
-    }
+    // A store or system error: 1, except for `check`, where 1 means "refused".
     process.stderr.write(`mfagate: ${errorText(e)}\n`);
-    return 1;
+    return deciding ? 2 : 1;
   }
 }
 
