@@ -5,7 +5,7 @@ import { Command, CommanderError } from 'commander';
 import { type Config, ConfigError, loadConfig, locateConfig, policySettings } from '../config/config.js';
 import { formatDuration, parseDuration, DURATION_EXPECTED } from '../config/duration.js';
 import { formatEndpoint } from '../config/listen.js';
-import { startDaemon } from '../daemon/daemon.js';
+import { type Daemon, startDaemon } from '../daemon/daemon.js';
 import { createLogger, errorText } from '../daemon/log.js';
 import { blockOf, parseAddress } from '../policy/address.js';
 import { decide } from '../policy/decide.js';
@@ -144,7 +144,12 @@ export function buildProgram(): Command {
     .action(async (_o, cmd: Command) => {
       const config = configOf(cmd);
       const logger = createLogger(config.log.level);
-      const daemon = await startDaemon(config, logger);
+      let daemon: Daemon;
+      try {
+        daemon = await startDaemon(config, logger);
+      } finally {
+        logger.flush();
+      }
       process.stderr.write(
         `mfagate: listening\n` +
           daemon.endpoints.dovecot.map((e) => `  dovecot auth policy  ${formatEndpoint(e)}\n`).join('') +
@@ -158,6 +163,7 @@ export function buildProgram(): Command {
           () => process.exit(0),
           (e: unknown) => {
             logger.log('error', 'stop-failed', { error: errorText(e) });
+            logger.flush();
             process.exit(1);
           },
         );

@@ -132,6 +132,7 @@ export async function startDaemon(config: Config, logger: Logger): Promise<Daemo
         store.writeDaemonStats(pid, Date.now(), service.counters, Date.now());
         store.close();
         logger.log('info', 'stopped', { pid });
+        logger.flush();
       })();
       return stopping;
     },

@@ -6,11 +6,22 @@ import type { PolicyService } from './service.js';
 
 const JSON_HEADERS = { 'content-type': 'application/json' };
 
-function safeEqual(a: string, b: string): boolean {
-  const ha = crypto.createHash('sha256').update(a).digest();
-  const hb = crypto.createHash('sha256').update(b).digest();
-  return crypto.timingSafeEqual(ha, hb);
+const digest = (s: string) => crypto.createHash('sha256').update(s).digest();
+
+/** The configured key's digest, computed once per key (it changes only on reload). */
+let keyCache: { key: string; digest: Buffer } | undefined;
+
+/** Constant-time comparison of what the client sent with the configured key (digests: equal lengths). */
+function keyMatches(presented: string, key: string): boolean {
+  if (keyCache?.key !== key) keyCache = { key, digest: digest(key) };
+  return crypto.timingSafeEqual(digest(presented), keyCache.digest);
 }
+
+/** Dovecot's two targets, parsed once; anything else goes through the URL parser. */
+const FAST_TARGETS = new Map<string, { path: string; command: string }>([
+  ['/?command=allow', { path: '/', command: 'allow' }],
+  ['/?command=report', { path: '/', command: 'report' }],
+]);
 
 /** The key Dovecot sent: the configured header, or X-API-Key (Dovecot's default when no header name is given). */
 function presentedKey(req: http.IncomingMessage, header: string): string | undefined {
@@ -33,7 +44,8 @@ export function createDovecotServer(service: PolicyService): http.Server {
       if (!drain) req.destroy();
     };
 
-    const target = parseTarget(req.url ?? '/');
+    const fast = FAST_TARGETS.get(req.url ?? '');
+    const target = fast ? { ok: true as const, value: fast } : parseTarget(req.url ?? '/');
     if (!target.ok) return fail(400, target.error);
     if (target.value.path !== '/') return fail(404, 'unknown path');
     if (req.method !== 'POST') return send(405, JSON.stringify({ error: 'use POST' }), { ...JSON_HEADERS, allow: 'POST' });
@@ -43,7 +55,7 @@ export function createDovecotServer(service: PolicyService): http.Server {
     const { apiKey, apiHeader, maxBodyBytes } = service.config.dovecot;
     if (apiKey !== '') {
       const key = presentedKey(req, apiHeader);
-      if (key === undefined || !safeEqual(key, apiKey)) return fail(401, 'missing or wrong API key');
+      if (key === undefined || !keyMatches(key, apiKey)) return fail(401, 'missing or wrong API key');
     }
     const declared = Number(req.headers['content-length'] ?? '0');
     if (declared > maxBodyBytes) return fail(413, `body larger than ${maxBodyBytes} bytes`, false);

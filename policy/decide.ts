@@ -29,10 +29,17 @@ export interface GrantFacts {
   expiresAt: number;
 }
 
-/** Read-only views of the store. Called lazily: most decisions never touch the store. */
+export interface LookupResult {
+  user: UserFacts | undefined;
+  grant: GrantFacts | undefined;
+}
+
+/**
+ * The read-only view of the store. Called at most once per decision, and only when the networks did not
+ * decide: the user's flags and the active grant for the block come together, from one consistent snapshot.
+ */
 export interface Facts {
-  user(name: string): UserFacts | undefined;
-  activeGrant(user: string, block: string, now: number): GrantFacts | undefined;
+  lookup(user: string, block: string, now: number): LookupResult;
 }
 
 export interface DecisionRequest {
@@ -78,12 +85,11 @@ export function decide(settings: PolicySettings, req: DecisionRequest, facts: Fa
   if (!untrustedRange && settings.trusted.has(req.address)) return done('allow', 'trusted-network');
   // 4. Is MFA required for this user?
   if (settings.exemptUsers.has(req.user)) return done('allow', 'user-exempt');
-  const user = facts.user(req.user);
+  const { user, grant } = facts.lookup(req.user, block, req.now);
   if (user?.exempt) return done('allow', 'user-exempt');
   const siteWide = settings.requiredFrom !== undefined && req.now >= settings.requiredFrom;
   if (!user?.mfaEnabled && !siteWide) return done('allow', 'mfa-not-required');
   // 5. A grant for (user, block).
-  const grant = facts.activeGrant(req.user, block, req.now);
   if (grant) return done('allow', 'grant', grant);
   // 6. Refuse.
   return done('refuse', 'no-grant');

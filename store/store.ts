@@ -3,7 +3,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
-import type { Facts, GrantFacts, UserFacts } from '../policy/decide.js';
+import type { Facts, GrantFacts, LookupResult } from '../policy/decide.js';
 import { MIGRATIONS, SCHEMA_VERSION } from './migrations.js';
 
 export interface UserRow {
@@ -142,6 +142,8 @@ export class Store implements Facts {
       db.pragma('synchronous = FULL');
       db.pragma('busy_timeout = 5000');
       db.pragma('foreign_keys = ON');
+      // Policy lookups touch random users across the whole file: keep the hot part in memory.
+      db.pragma('cache_size = -65536');
       const version = db.pragma('user_version', { simple: true }) as number;
       if (version > SCHEMA_VERSION) {
         throw new StoreError(`${file} has schema version ${version}, newer than this mfagate (${SCHEMA_VERSION}): upgrade mfagate`);
@@ -166,6 +168,16 @@ export class Store implements Facts {
       user: db.prepare('SELECT name, mfa_enabled, exempt, created_at, updated_at FROM users WHERE name = ?'),
       activeGrant: db.prepare(
         'SELECT id, expires_at FROM grants WHERE user = ? AND block = ? AND revoked_at IS NULL AND expires_at > ? ORDER BY expires_at DESC LIMIT 1',
+      ),
+      // The decision's one question, in one statement (one snapshot, one lock round trip).
+      lookup: db.prepare(
+        `SELECT u.mfa_enabled, u.exempt, g.id AS grant_id, g.expires_at
+         FROM (SELECT ? AS name, ? AS block, ? AS now) q
+         LEFT JOIN users u ON u.name = q.name
+         LEFT JOIN grants g ON g.id = (
+           SELECT id FROM grants
+           WHERE user = q.name AND block = q.block AND revoked_at IS NULL AND expires_at > q.now
+           ORDER BY expires_at DESC LIMIT 1)`,
       ),
       ensureUser: db.prepare('INSERT INTO users (name, created_at, updated_at) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING'),
       setEnabled: db.prepare('UPDATE users SET mfa_enabled = ?, updated_at = ? WHERE name = ?'),
@@ -223,9 +235,12 @@ export class Store implements Facts {
 
   // ---- Facts (the decision's view) --------------------------------------------------------------------
 
-  user(name: string): UserFacts | undefined {
-    const r = this.st.user.get(name) as Row | undefined;
-    return r ? { mfaEnabled: r['mfa_enabled'] === 1, exempt: r['exempt'] === 1 } : undefined;
+  lookup(user: string, block: string, now: number): LookupResult {
+    const r = this.st.lookup.get(user, block, now) as Row;
+    return {
+      user: r['mfa_enabled'] === null ? undefined : { mfaEnabled: r['mfa_enabled'] === 1, exempt: r['exempt'] === 1 },
+      grant: r['grant_id'] === null ? undefined : { id: r['grant_id'] as number, expiresAt: r['expires_at'] as number },
+    };
   }
 
   activeGrant(user: string, block: string, now: number): GrantFacts | undefined {

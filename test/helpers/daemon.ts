@@ -33,7 +33,7 @@ export async function startInProcess(toml = '', dir = tempDir()): Promise<InProc
   fs.writeFileSync(configFile, mergeSections(text));
   const config = parseConfigText(fs.readFileSync(configFile, 'utf8'), configFile);
   const logs: Record<string, unknown>[] = [];
-  const logger = createLogger('debug', (line) => logs.push(JSON.parse(line) as Record<string, unknown>));
+  const logger = createLogger('debug', { write: (line) => logs.push(JSON.parse(line) as Record<string, unknown>) });
   const daemon = await startDaemon(config, logger);
   const d = daemon.endpoints.dovecot[0];
   const p = daemon.endpoints.postfix[0];

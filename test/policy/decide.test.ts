@@ -25,16 +25,15 @@ function settings(over: Partial<PolicySettings> = {}): PolicySettings {
 function facts(users: Record<string, { mfaEnabled: boolean; exempt?: boolean }>, grants: { user: string; block: string; expiresAt: number; revoked?: boolean }[]): Facts & { lookups: number } {
   const f = {
     lookups: 0,
-    user(name: string) {
+    lookup(name: string, block: string, now: number) {
       f.lookups++;
       const u = users[name];
-      return u ? { mfaEnabled: u.mfaEnabled, exempt: u.exempt ?? false } : undefined;
-    },
-    activeGrant(user: string, block: string, now: number) {
-      f.lookups++;
-      const i = grants.findIndex((g) => g.user === user && g.block === block && !g.revoked && g.expiresAt > now);
+      const i = grants.findIndex((g) => g.user === name && g.block === block && !g.revoked && g.expiresAt > now);
       const g = grants[i];
-      return g ? { id: i + 1, expiresAt: g.expiresAt } : undefined;
+      return {
+        user: u ? { mfaEnabled: u.mfaEnabled, exempt: u.exempt ?? false } : undefined,
+        grant: g ? { id: i + 1, expiresAt: g.expiresAt } : undefined,
+      };
     },
   };
   return f;
