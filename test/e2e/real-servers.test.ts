@@ -7,8 +7,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import t, { type Test } from 'tap';
 import { type LoginResult, imapLogin, pop3Login, smtpSubmit } from '../helpers/clients.js';
-import { type DaemonProcess, cli, freePort, spawnDaemon, tempDir } from '../helpers/daemon.js';
-import { type MailStack, startMailStack } from '../helpers/mailstack.js';
+import { type DaemonProcess, cli, spawnDaemon, tempDir } from '../helpers/daemon.js';
+import { type MailStack, freePort, startMailStack } from '../helpers/mailstack.js';
 
 const CAMPUS = '127.0.0.2';
 const EDUROAM = '127.0.0.6';
