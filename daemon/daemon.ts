@@ -85,6 +85,12 @@ export async function startDaemon(config: Config, logger: Logger): Promise<Daemo
     mode: config.enforcement.mode,
   });
 
+  if (config.dovecot.apiKey === '' && config.dovecot.listen.some((e) => e.kind === 'tcp')) {
+    logger.log('warn', 'no-api-key', {
+      note: 'dovecot.api_key is empty: any local process can ask the Dovecot endpoint and report logins; set a key in production',
+    });
+  }
+
   let stopping: Promise<void> | undefined;
   return {
     service,
