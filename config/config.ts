@@ -49,6 +49,12 @@ export interface Config {
     maxBodyBytes: number;
   };
   postfix: { listen: Endpoint[]; socketMode: number; rejectAction: string };
+  api: { listen: Endpoint[]; socketMode: number; tokenFile: string };
+  secrets: { keyFile: string };
+  totp: { issuer: string };
+  otp: { digits: number; ttlMs: number; refusedEmailDomains: string[] };
+  mail: { smtp: string; from: string; notify: boolean };
+  lockout: { maxFailures: number; windowMs: number; durationMs: number; ipMaxFailures: number };
   log: { level: 'debug' | 'info' | 'warn' | 'error' };
 }
 
@@ -132,6 +138,42 @@ const schema = z.strictObject({
           message: 'expected an access(5) action such as "554 5.7.1 text", "REJECT text" or "DEFER_IF_PERMIT text"',
         })
         .default(DEFAULT_REJECT_ACTION),
+    })
+    .prefault({}),
+  api: z
+    .strictObject({
+      listen: listen.default(['unix:var/api.sock']),
+      socket_mode: socketMode.default('0660'),
+      token_file: z.string().default(''),
+    })
+    .prefault({}),
+  secrets: z.strictObject({ key_file: z.string().min(1, { message: 'expected a file path' }).default('var/secret.key') }).prefault({}),
+  totp: z
+    .strictObject({ issuer: z.string().min(1).max(64).refine((s) => !s.includes(':'), { message: 'expected a name without ":"' }).default('mfagate') })
+    .prefault({}),
+  otp: z
+    .strictObject({
+      digits: z.int().min(6, { message: 'expected 6..10' }).max(10, { message: 'expected 6..10' }).default(6),
+      ttl: duration.default('10m'),
+      refused_email_domains: z.array(z.string().regex(/^[^@\s]+$/, { message: 'expected a domain such as "example.ac.jp" (no "@")' })).default([]),
+    })
+    .prefault({}),
+  mail: z
+    .strictObject({
+      smtp: z
+        .string()
+        .refine((s) => /^smtps?:\/\/[^/\s]+(:\d+)?\/?$/.test(s), { message: 'expected an SMTP URL such as "smtp://127.0.0.1:25"' })
+        .default('smtp://127.0.0.1:25'),
+      from: z.string().regex(/^[^\s@]+@[^\s@]+$/, { message: 'expected a mail address such as "mfa@example.ac.jp"' }).default('mfagate@localhost'),
+      notify: z.boolean().default(true),
+    })
+    .prefault({}),
+  lockout: z
+    .strictObject({
+      max_failures: z.int().min(1).max(1000).default(5),
+      window: duration.default('15m'),
+      duration: duration.default('15m'),
+      ip_max_failures: z.int().min(1).max(100000).default(50),
     })
     .prefault({}),
   log: z
@@ -230,8 +272,26 @@ function fromRaw(raw: RawConfig, file: string | undefined, baseDir: string): Con
       socketMode: parseInt(raw.postfix.socket_mode, 8),
       rejectAction: raw.postfix.reject_action,
     },
+    api: {
+      listen: endpoints('api.listen', raw.api.listen),
+      socketMode: parseInt(raw.api.socket_mode, 8),
+      tokenFile: raw.api.token_file === '' ? '' : path.resolve(baseDir, raw.api.token_file),
+    },
+    secrets: { keyFile: path.resolve(baseDir, raw.secrets.key_file) },
+    totp: raw.totp,
+    otp: { digits: raw.otp.digits, ttlMs: parseDuration(raw.otp.ttl) ?? 0, refusedEmailDomains: raw.otp.refused_email_domains.map((d) => d.toLowerCase()) },
+    mail: raw.mail,
+    lockout: {
+      maxFailures: raw.lockout.max_failures,
+      windowMs: parseDuration(raw.lockout.window) ?? 0,
+      durationMs: parseDuration(raw.lockout.duration) ?? 0,
+      ipMaxFailures: raw.lockout.ip_max_failures,
+    },
     log: raw.log,
   };
+  if (config.api.listen.some((e) => e.kind === 'tcp') && config.api.tokenFile === '') {
+    problems.push('api.token_file: expected a file holding the bearer token when api.listen has a TCP address');
+  }
   if (problems.length > 0) throw new ConfigError(file ?? '(built-in defaults)', problems);
   return config;
 }

@@ -67,6 +67,58 @@ export const MIGRATIONS: readonly { version: number; name: string; sql: string }
       );
     `,
   },
+  {
+    version: 2,
+    name: 'second factors: authenticator app, external address, e-mailed codes, backup codes, failures and locks',
+    sql: `
+      ALTER TABLE users ADD COLUMN locked_until INTEGER;
+
+      CREATE TABLE factors (
+        user              TEXT PRIMARY KEY,
+        totp_secret       BLOB,            -- AES-256-GCM under the key file; set once confirmed
+        totp_pending      BLOB,            -- a begun enrolment, waiting for its first code
+        totp_pending_at   INTEGER,
+        totp_confirmed_at INTEGER,
+        totp_last_step    INTEGER,         -- the last accepted time step: a code is accepted once
+        email             TEXT,            -- the verified external address
+        email_verified_at INTEGER,
+        email_pending     TEXT,            -- an address waiting for its verification code
+        updated_at        INTEGER NOT NULL
+      ) WITHOUT ROWID;
+
+      CREATE TABLE email_codes (
+        id         INTEGER PRIMARY KEY,
+        user       TEXT NOT NULL,
+        purpose    TEXT NOT NULL CHECK (purpose IN ('login', 'verify')),
+        address    TEXT NOT NULL,
+        code_hash  TEXT NOT NULL,
+        ip         TEXT,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        used_at    INTEGER,
+        voided_at  INTEGER
+      );
+      CREATE INDEX email_codes_user ON email_codes (user, created_at);
+
+      CREATE TABLE backup_codes (
+        user       TEXT NOT NULL,
+        code_hash  TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        used_at    INTEGER,
+        PRIMARY KEY (user, code_hash)
+      ) WITHOUT ROWID;
+
+      CREATE TABLE failures (
+        id     INTEGER PRIMARY KEY,
+        user   TEXT NOT NULL,
+        ip     TEXT NOT NULL,
+        method TEXT NOT NULL,
+        at     INTEGER NOT NULL
+      );
+      CREATE INDEX failures_user ON failures (user, at);
+      CREATE INDEX failures_ip ON failures (ip, at);
+    `,
+  },
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]?.version ?? 0;

@@ -4,6 +4,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
 import type { Facts, GrantFacts, LookupResult } from '../policy/decide.js';
+import { MfaStore } from './mfa-store.js';
 import { MIGRATIONS, SCHEMA_VERSION } from './migrations.js';
 
 export interface UserRow {
@@ -128,6 +129,8 @@ export interface OpenOptions {
 
 export class Store implements Facts {
   readonly db: Database.Database;
+  /** Second factors, codes, failures and locks. */
+  readonly mfa: MfaStore;
   private readonly st;
 
   static open(file: string, opts: OpenOptions = {}): Store {
@@ -164,6 +167,7 @@ export class Store implements Facts {
 
   private constructor(db: Database.Database) {
     this.db = db;
+    this.mfa = new MfaStore(db);
     this.st = {
       user: db.prepare('SELECT name, mfa_enabled, exempt, created_at, updated_at FROM users WHERE name = ?'),
       activeGrant: db.prepare(
@@ -253,6 +257,11 @@ export class Store implements Facts {
   getUser(name: string): UserRow | undefined {
     const r = this.st.user.get(name) as Row | undefined;
     return r ? userFromRow(r) : undefined;
+  }
+
+  /** Makes the user known to the store (inside the caller's transaction, if any). */
+  ensureUser(name: string, now: number): void {
+    this.st.ensureUser.run(name, now, now);
   }
 
   listUsers(): UserRow[] {

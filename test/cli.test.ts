@@ -2,6 +2,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
+import { SCHEMA_VERSION } from '../store/migrations.js';
 import { cli, tempDir } from './helpers/daemon.js';
 
 const dir = tempDir('mfagate-cli-');
@@ -140,10 +141,10 @@ t.test('config check and db migrate', async (t) => {
   t.match(env.stdout, new RegExp(`${configFile.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}: OK`), '$MFAGATE_CONFIG is used');
   const m = run('db', 'migrate');
   t.equal(m.code, 0);
-  t.match(m.stdout, /schema version 1, up to date/);
+  t.match(m.stdout, new RegExp(`schema version ${SCHEMA_VERSION}, up to date`));
   const fresh = path.join(dir, 'fresh.toml');
   fs.writeFileSync(fresh, '[store]\npath = "fresh.db"\n');
-  t.match(cli(['--config', fresh, 'db', 'migrate']).stdout, /migrated from schema version 0 to 1/);
+  t.match(cli(["--config", fresh, "db", "migrate"]).stdout, new RegExp(`migrated from schema version 0 to ${SCHEMA_VERSION}`));
 });
 
 t.test('--help lists the commands and exits 0', async (t) => {

@@ -1,0 +1,613 @@
+// Second factors: registering them, checking them, and the grants only a passed factor creates.
+// Protocol-free: the webmail API (daemon/api-server.ts) and the CLI call this. Every check that must not race
+// (a TOTP time step used once, an e-mailed code used once) runs inside one BEGIN IMMEDIATE transaction.
+import crypto from 'node:crypto';
+import type { Config } from '../config/config.js';
+import { policySettings } from '../config/config.js';
+import { blockOf, parseAddress } from '../policy/address.js';
+import { decide } from '../policy/decide.js';
+import { describeRule } from '../policy/rules.js';
+import { isAcceptableUserName, normaliseUser } from '../policy/user.js';
+import type { GrantRow, Store } from '../store/store.js';
+import type { Logger } from '../daemon/log.js';
+import { MailError, type Mailer } from './mailer.js';
+import { addressChangedMail, grantNoticeMail, loginCodeMail, verifyAddressMail } from './messages.js';
+import type { Secrets } from './secrets.js';
+import { matchStep, newSecret, otpauthUri } from './totp.js';
+import QRCode from 'qrcode';
+
+export type Method = 'totp' | 'email' | 'backup';
+export const METHODS: readonly Method[] = ['totp', 'email', 'backup'];
+
+/** The catalogue of errors the API maps to HTTP statuses. Messages are safe to show and never name a secret. */
+export const MFA_ERRORS = {
+  'bad-request': { status: 400, message: 'the request is malformed' },
+  'factor-failed': { status: 403, message: 'the code is not right' },
+  'proof-required': { status: 403, message: 'a passed second factor is required for this change' },
+  'no-factor': { status: 409, message: 'no second factor is registered' },
+  'not-registered': { status: 409, message: 'that factor is not registered' },
+  conflict: { status: 409, message: 'the request conflicts with the current state' },
+  'refused-domain': { status: 422, message: 'addresses in this domain cannot be used as an external address' },
+  locked: { status: 423, message: 'too many failed attempts: try again later' },
+  'rate-limited': { status: 429, message: 'too many requests: try again later' },
+  'mail-failed': { status: 502, message: 'the mail could not be sent' },
+} as const;
+export type MfaErrorCode = keyof typeof MFA_ERRORS;
+
+export class MfaError extends Error {
+  override name = 'MfaError';
+  constructor(
+    readonly code: MfaErrorCode,
+    detail?: string,
+    readonly retryAfterMs?: number,
+  ) {
+    super(detail ?? MFA_ERRORS[code].message);
+  }
+  get status(): number {
+    return MFA_ERRORS[this.code].status;
+  }
+}
+
+export interface Proof {
+  method: Method;
+  code: string;
+}
+
+export interface GrantView {
+  id: number;
+  block: string;
+  ip: string;
+  created_at: string;
+  expires_at: string;
+  method: string;
+}
+
+export interface Deps {
+  store: Store;
+  config: () => Config;
+  secrets: Secrets;
+  mailer: () => Mailer;
+  logger: Logger;
+  clock?: () => number;
+}
+
+const BACKUP_ALPHABET = '23456789abcdefghjkmnpqrstuvwxyz';
+const BACKUP_COUNT = 10;
+const PENDING_TOTP_MS = 15 * 60_000;
+
+export function maskAddress(address: string): string {
+  const at = address.lastIndexOf('@');
+  const local = address.slice(0, at);
+  return `${local.slice(0, 1)}***${address.slice(at)}`;
+}
+
+function normaliseBackup(code: string): string {
+  return code.toLowerCase().replace(/[\s-]/g, '');
+}
+
+function randomCode(digits: number): string {
+  let s = '';
+  for (let i = 0; i < digits; i++) s += String(crypto.randomInt(10));
+  return s;
+}
+
+export class MfaService {
+  private readonly clock: () => number;
+  /** Users with a send in flight: one at a time per user, so the send limits cannot be raced. */
+  private readonly sending = new Set<string>();
+
+  constructor(private readonly d: Deps) {
+    this.clock = d.clock ?? Date.now;
+  }
+
+  private get config(): Config {
+    return this.d.config();
+  }
+
+  private get mfa() {
+    return this.d.store.mfa;
+  }
+
+  // ---- input -----------------------------------------------------------------------------------------------
+
+  user(raw: unknown): string {
+    if (typeof raw !== 'string') throw new MfaError('bad-request', 'user: expected a user name');
+    const u = normaliseUser(raw, this.config.users);
+    if (!isAcceptableUserName(u)) throw new MfaError('bad-request', 'user: not an acceptable user name');
+    return u;
+  }
+
+  ip(raw: unknown): string {
+    const a = typeof raw === 'string' ? parseAddress(raw) : undefined;
+    if (!a) throw new MfaError('bad-request', 'ip: expected the client IP address, e.g. "203.0.113.7"');
+    return a.toString();
+  }
+
+  private audit(action: string, user: string, ip: string | null, detail: Record<string, unknown> = {}, grantId: number | null = null): void {
+    this.d.store.audit(this.clock(), 'api', action, user, ip, grantId, detail);
+  }
+
+  // ---- status ----------------------------------------------------------------------------------------------
+
+  status(user: string, ip?: string) {
+    const now = this.clock();
+    const u = this.d.store.getUser(user);
+    const f = this.mfa.factors(user);
+    const config = this.config;
+    const settings = policySettings(config);
+    const lockedUntil = this.mfa.lockedUntil(user);
+    const grants = this.d.store.listGrants({ user, now }).map((g) => this.grantView(g));
+    let login: { ip: string; needs_mfa: boolean; rule: string; explanation: string } | undefined;
+    if (ip !== undefined) {
+      const address = parseAddress(ip);
+      if (address) {
+        const decision = decide(settings, { user, address, protocol: 'imap', now }, this.d.store);
+        login = { ip, needs_mfa: decision.verdict === 'refuse', rule: decision.rule, explanation: describeRule(decision.rule) };
+      }
+    }
+    // Exempt by the store's flag or by [enforcement] exempt_users, as the decision counts it.
+    const exempt = (u?.exempt ?? false) || settings.exemptUsers.has(user);
+    return {
+      user,
+      mfa_enabled: u?.mfaEnabled ?? false,
+      mfa_required: !exempt && ((u?.mfaEnabled ?? false) || (settings.requiredFrom !== undefined && now >= settings.requiredFrom)),
+      exempt,
+      factors: {
+        totp: f?.totpSecret != null,
+        email: f?.email ? maskAddress(f.email) : null,
+        email_pending: f?.emailPending ? maskAddress(f.emailPending) : null,
+        backup_codes_left: this.mfa.backupCodesLeft(user),
+      },
+      locked_until: lockedUntil !== undefined && lockedUntil > now ? new Date(lockedUntil).toISOString() : null,
+      grants,
+      ...(login ? { login } : {}),
+    };
+  }
+
+  grantView(g: GrantRow): GrantView {
+    return { id: g.id, block: g.block, ip: g.ip, created_at: new Date(g.createdAt).toISOString(), expires_at: new Date(g.expiresAt).toISOString(), method: g.method };
+  }
+
+  private hasFactor(user: string): boolean {
+    const f = this.mfa.factors(user);
+    return f?.totpSecret != null || f?.email != null;
+  }
+
+  // ---- lockout ---------------------------------------------------------------------------------------------
+
+  /** Refuses when the user is locked or the client address has failed too often across users. */
+  private checkLimits(user: string, ip: string, now: number): void {
+    const until = this.mfa.lockedUntil(user);
+    if (until !== undefined && until > now) throw new MfaError('locked', undefined, until - now);
+    const { windowMs, ipMaxFailures } = this.config.lockout;
+    if (this.mfa.failuresOfIp(ip, now - windowMs) >= ipMaxFailures) throw new MfaError('rate-limited', 'too many failed attempts from this address: try again later', windowMs);
+  }
+
+  /** Records a failure (inside the caller's transaction) and locks the user when the limit is reached. */
+  private fail(user: string, ip: string, method: string, now: number): MfaError {
+    const { maxFailures, windowMs, durationMs } = this.config.lockout;
+    this.mfa.addFailure(user, ip, method, now);
+    this.audit('factor-fail', user, ip, { method });
+    if (this.mfa.failuresOfUser(user, now - windowMs) >= maxFailures) {
+      this.d.store.ensureUser(user, now);
+      this.mfa.setLock(user, now + durationMs, now);
+      this.audit('user-locked', user, ip, { until: new Date(now + durationMs).toISOString() });
+      this.d.logger.log('warn', 'user-locked', { user, ip, until: new Date(now + durationMs).toISOString() });
+    }
+    return new MfaError('factor-failed');
+  }
+
+  /** Runs a check; an attempt refused by a lock or the address limit is audited too (after its rollback). */
+  private attempt<T>(user: string, ip: string, method: string, check: () => T): T {
+    try {
+      return check();
+    } catch (e) {
+      if (e instanceof MfaError && (e.code === 'locked' || e.code === 'rate-limited')) this.audit('factor-refused', user, ip, { method, result: e.code });
+      throw e;
+    }
+  }
+
+  unlock(user: string, actor: string): boolean {
+    const now = this.clock();
+    return this.d.store.db
+      .transaction(() => {
+        const was = this.mfa.lockedUntil(user);
+        this.mfa.clearFailures(user);
+        if (was === undefined) return false;
+        this.mfa.setLock(user, null, now);
+        this.d.store.audit(now, actor, 'user-unlock', user, null, null, {});
+        return was > now;
+      })
+      .immediate();
+  }
+
+  // ---- checking a factor -----------------------------------------------------------------------------------
+
+  /**
+   * Checks a code and consumes it. Throws factor-failed (and counts the failure) when it is wrong.
+   * Runs inside one immediate transaction: two racing requests with the same code cannot both pass.
+   */
+  private consume(user: string, ip: string, proof: Proof, now: number): void {
+    const run = this.d.store.db.transaction((): MfaError | undefined => {
+      this.checkLimits(user, ip, now);
+      const ok = this.tryConsume(user, proof, now);
+      if (ok) {
+        this.mfa.clearFailures(user);
+        return undefined;
+      }
+      return this.fail(user, ip, proof.method, now);
+    });
+    // The failure is recorded in the committed transaction; only then is it thrown.
+    const err = this.attempt(user, ip, proof.method, () => run.immediate());
+    if (err) throw err;
+  }
+
+  private tryConsume(user: string, proof: Proof, now: number): boolean {
+    const code = typeof proof.code === 'string' ? proof.code.trim() : '';
+    if (code === '' || code.length > 64) return false;
+    const f = this.mfa.factors(user);
+    switch (proof.method) {
+      case 'totp': {
+        if (!f?.totpSecret) return false;
+        const secret = this.d.secrets.decrypt(f.totpSecret, `totp:${user}`).toString('utf8');
+        const step = matchStep(secret, code, now);
+        if (step === undefined || (f.totpLastStep !== null && step <= f.totpLastStep)) return false;
+        this.mfa.updateFactors(user, { totp_last_step: step }, now);
+        return true;
+      }
+      case 'email': {
+        if (!f?.email) return false;
+        const c = this.mfa.latestCode(user, 'login', now);
+        if (!c || c.address !== f.email) return false;
+        if (!this.d.secrets.sameHash(c.codeHash, this.d.secrets.hashCode(user, code))) return false;
+        return this.mfa.useCode(c.id, now);
+      }
+      case 'backup':
+        return this.mfa.useBackupCode(user, this.d.secrets.hashCode(user, normaliseBackup(code)), now);
+      default:
+        return false;
+    }
+  }
+
+  private parseProof(raw: unknown): Proof | undefined {
+    if (raw === undefined || raw === null) return undefined;
+    if (typeof raw !== 'object') throw new MfaError('bad-request', 'factor: expected {"method": "totp"|"email"|"backup", "code": "..."}');
+    const o = raw as Record<string, unknown>;
+    if (!METHODS.includes(o['method'] as Method) || typeof o['code'] !== 'string') {
+      throw new MfaError('bad-request', 'factor: expected {"method": "totp"|"email"|"backup", "code": "..."}');
+    }
+    return { method: o['method'] as Method, code: o['code'] };
+  }
+
+  /** Once a user has a factor, changing factors needs a passed one (first registration trusts the password). */
+  private requireProofIfRegistered(user: string, ip: string, rawProof: unknown, now: number): void {
+    if (!this.hasFactor(user)) return;
+    const proof = this.parseProof(rawProof);
+    if (!proof) throw new MfaError('proof-required');
+    this.consume(user, ip, proof, now);
+    this.audit('factor-pass', user, ip, { method: proof.method, for: 'change' });
+  }
+
+  // ---- verify: the factor that creates a grant -------------------------------------------------------------
+
+  async verify(user: string, ip: string, rawProof: unknown): Promise<GrantView> {
+    const proof = this.parseProof(rawProof);
+    if (!proof) throw new MfaError('bad-request', 'factor: expected {"method": "totp"|"email"|"backup", "code": "..."}');
+    const now = this.clock();
+    this.consume(user, ip, proof, now);
+    const config = this.config;
+    const address = parseAddress(ip);
+    if (!address) throw new MfaError('bad-request', 'ip: not an IP address');
+    const { grant } = this.d.store.addGrant({
+      user,
+      ip,
+      block: blockOf(address, policySettings(config).prefixes),
+      ttlMs: config.grants.ttlMs,
+      method: proof.method,
+      source: 'api',
+      reason: '',
+      actor: 'api',
+      now,
+    });
+    this.audit('factor-pass', user, ip, { method: proof.method }, grant.id);
+    this.d.logger.log('info', 'mfa-passed', { user, ip, method: proof.method, grant: grant.id, block: grant.block });
+    const f = this.mfa.factors(user);
+    if (config.mail.notify && f?.email) {
+      const mail = grantNoticeMail({ user, ip, at: now, expiresAt: grant.expiresAt, method: proof.method });
+      this.d.mailer().send({ to: f.email, ...mail }).catch((e: unknown) => {
+        this.d.logger.log('warn', 'notice-not-sent', { user, error: e instanceof Error ? e.message : String(e) });
+      });
+    }
+    return this.grantView(grant);
+  }
+
+  // ---- authenticator app -----------------------------------------------------------------------------------
+
+  async totpBegin(user: string, ip: string, rawProof: unknown): Promise<{ secret: string; uri: string; qr_svg: string }> {
+    const now = this.clock();
+    this.requireProofIfRegistered(user, ip, rawProof, now);
+    const secret = newSecret();
+    const uri = otpauthUri(this.config.totp.issuer, user, secret);
+    this.d.store.db
+      .transaction(() => {
+        this.d.store.ensureUser(user, now);
+        this.mfa.updateFactors(user, { totp_pending: this.d.secrets.encrypt(Buffer.from(secret), `totp-pending:${user}`), totp_pending_at: now }, now);
+        this.audit('totp-begin', user, ip);
+      })
+      .immediate();
+    const qr_svg = await QRCode.toString(uri, { type: 'svg', errorCorrectionLevel: 'M', margin: 2 });
+    return { secret, uri, qr_svg };
+  }
+
+  totpConfirm(user: string, ip: string, code: unknown): { registered: true } {
+    if (typeof code !== 'string') throw new MfaError('bad-request', 'code: expected the 6-digit code from the app');
+    const now = this.clock();
+    const err = this.attempt(user, ip, 'totp', () => this.d.store.db
+      .transaction((): MfaError | undefined => {
+        this.checkLimits(user, ip, now);
+        const f = this.mfa.factors(user);
+        if (!f?.totpPending || f.totpPendingAt === null || f.totpPendingAt + PENDING_TOTP_MS <= now) {
+          throw new MfaError('conflict', 'no app enrolment in progress (or it is older than 15 minutes): begin again');
+        }
+        const secret = this.d.secrets.decrypt(f.totpPending, `totp-pending:${user}`).toString('utf8');
+        const step = matchStep(secret, code.trim(), now);
+        if (step === undefined) return this.fail(user, ip, 'totp', now);
+        this.mfa.updateFactors(
+          user,
+          {
+            totp_secret: this.d.secrets.encrypt(Buffer.from(secret), `totp:${user}`),
+            totp_pending: null,
+            totp_pending_at: null,
+            totp_confirmed_at: now,
+            totp_last_step: step,
+          },
+          now,
+        );
+        this.mfa.clearFailures(user);
+        this.audit('totp-register', user, ip);
+        return undefined;
+      })
+      .immediate());
+    if (err) throw err;
+    return { registered: true };
+  }
+
+  totpRemove(user: string, ip: string, rawProof: unknown): void {
+    const now = this.clock();
+    const f = this.mfa.factors(user);
+    if (!f?.totpSecret) throw new MfaError('not-registered');
+    this.guardLastFactor(user, f.email === null);
+    this.requireProofIfRegistered(user, ip, rawProof, now);
+    this.d.store.db
+      .transaction(() => {
+        this.mfa.updateFactors(user, { totp_secret: null, totp_confirmed_at: null, totp_last_step: null, totp_pending: null, totp_pending_at: null }, now);
+        this.audit('totp-remove', user, ip);
+      })
+      .immediate();
+  }
+
+  private guardLastFactor(user: string, isLast: boolean): void {
+    if (isLast && this.d.store.getUser(user)?.mfaEnabled) {
+      throw new MfaError('conflict', 'this is the last registered factor and MFA is enabled: disable MFA first, or register another factor');
+    }
+  }
+
+  // ---- external e-mail address -----------------------------------------------------------------------------
+
+  private checkAddress(raw: unknown): string {
+    if (typeof raw !== 'string' || !/^[^\s@<>",;]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}$/.test(raw.trim()) || raw.length > 254) {
+      throw new MfaError('bad-request', 'address: expected a mail address such as "alice@example.com"');
+    }
+    const address = raw.trim();
+    const domain = address.slice(address.lastIndexOf('@') + 1).toLowerCase();
+    const refused = this.config.otp.refusedEmailDomains;
+    if (refused.some((d) => domain === d || domain.endsWith(`.${d}`))) throw new MfaError('refused-domain', `addresses in ${domain} cannot be used: use a private address outside the university`);
+    return address;
+  }
+
+  /** Registers (or changes) the external address: sends a code there; it counts once confirmed. */
+  async emailRegister(user: string, ip: string, rawAddress: unknown, rawProof: unknown): Promise<{ pending: string; expires_at: string }> {
+    const address = this.checkAddress(rawAddress);
+    const now = this.clock();
+    const f = this.mfa.factors(user);
+    if (f?.email && f.email.toLowerCase() === address.toLowerCase()) throw new MfaError('conflict', 'that address is already registered');
+    // Confirmation mails have the same send limits as login codes (counted apart), checked before the proof is used.
+    this.checkSendLimits(user, 'verify', now);
+    this.requireProofIfRegistered(user, ip, rawProof, now);
+    this.sending.add(user);
+    try {
+      const code = randomCode(this.config.otp.digits);
+      const expiresAt = now + this.config.otp.ttlMs;
+      const mail = verifyAddressMail({ user, code, expiresAt, ip, at: now, minutes: Math.round(this.config.otp.ttlMs / 60_000) });
+      await this.sendOrFail({ to: address, ...mail });
+      this.d.store.db
+        .transaction(() => {
+          this.d.store.ensureUser(user, now);
+          this.mfa.updateFactors(user, { email_pending: address }, now);
+          this.mfa.addCode(user, 'verify', address, this.d.secrets.hashCode(user, code), ip, now, expiresAt);
+          this.audit('email-register', user, ip, { address: maskAddress(address) });
+        })
+        .immediate();
+      return { pending: maskAddress(address), expires_at: new Date(expiresAt).toISOString() };
+    } finally {
+      this.sending.delete(user);
+    }
+  }
+
+  async emailConfirm(user: string, ip: string, code: unknown): Promise<{ address: string }> {
+    if (typeof code !== 'string') throw new MfaError('bad-request', 'code: expected the code sent to the address');
+    const now = this.clock();
+    let old: string | null = null;
+    let address = '';
+    const err = this.attempt(user, ip, 'email-verify', () => this.d.store.db
+      .transaction((): MfaError | undefined => {
+        this.checkLimits(user, ip, now);
+        const f = this.mfa.factors(user);
+        const c = this.mfa.latestCode(user, 'verify', now);
+        if (!f?.emailPending || !c || c.address !== f.emailPending) throw new MfaError('conflict', 'no address is waiting for confirmation (or its code expired): register it again');
+        if (!this.d.secrets.sameHash(c.codeHash, this.d.secrets.hashCode(user, code.trim())) || !this.mfa.useCode(c.id, now)) {
+          return this.fail(user, ip, 'email-verify', now);
+        }
+        old = f.email;
+        address = f.emailPending;
+        this.mfa.updateFactors(user, { email: address, email_verified_at: now, email_pending: null }, now);
+        // Codes sent to the old address are void.
+        this.mfa.voidCodes(user, 'login', now);
+        this.mfa.clearFailures(user);
+        this.audit(old ? 'email-change' : 'email-verified', user, ip, { address: maskAddress(address) });
+        return undefined;
+      })
+      .immediate());
+    if (err) throw err;
+    if (old !== null && old !== address) {
+      const mail = addressChangedMail({ user, newAddress: maskAddress(address), ip, at: now });
+      this.d.mailer().send({ to: old, ...mail }).catch((e: unknown) => {
+        this.d.logger.log('warn', 'notice-not-sent', { user, error: e instanceof Error ? e.message : String(e) });
+      });
+    }
+    return { address: maskAddress(address) };
+  }
+
+  emailRemove(user: string, ip: string, rawProof: unknown): void {
+    const now = this.clock();
+    const f = this.mfa.factors(user);
+    if (!f?.email && !f?.emailPending) throw new MfaError('not-registered');
+    this.guardLastFactor(user, f.email !== null && f.totpSecret === null);
+    this.requireProofIfRegistered(user, ip, rawProof, now);
+    this.d.store.db
+      .transaction(() => {
+        this.mfa.updateFactors(user, { email: null, email_verified_at: null, email_pending: null }, now);
+        this.mfa.voidCodes(user, 'login', now);
+        this.mfa.voidCodes(user, 'verify', now);
+        this.audit('email-remove', user, ip);
+      })
+      .immediate();
+  }
+
+  /** Sends a login code to the registered address: one a minute, five an hour, the newest voids the older. */
+  async sendLoginCode(user: string, ip: string): Promise<{ sent_to: string; expires_at: string }> {
+    const now = this.clock();
+    const f = this.mfa.factors(user);
+    if (!f?.email) throw new MfaError('not-registered', 'no external address is registered');
+    this.checkLimits(user, ip, now);
+    this.checkSendLimits(user, 'login', now);
+    this.sending.add(user);
+    try {
+      const code = randomCode(this.config.otp.digits);
+      const expiresAt = now + this.config.otp.ttlMs;
+      const mail = loginCodeMail({ user, code, expiresAt, ip, at: now, minutes: Math.round(this.config.otp.ttlMs / 60_000) });
+      await this.sendOrFail({ to: f.email, ...mail });
+      this.d.store.db
+        .transaction(() => {
+          this.mfa.addCode(user, 'login', f.email ?? '', this.d.secrets.hashCode(user, code), ip, now, expiresAt);
+          this.audit('email-code-sent', user, ip, { to: maskAddress(f.email ?? '') });
+        })
+        .immediate();
+      return { sent_to: maskAddress(f.email), expires_at: new Date(expiresAt).toISOString() };
+    } finally {
+      this.sending.delete(user);
+    }
+  }
+
+  /** One mail a minute and five an hour per user (login codes and confirmation codes counted apart), one in flight. */
+  private checkSendLimits(user: string, purpose: 'login' | 'verify', now: number): void {
+    const last = this.mfa.lastLoginCodeAt(user, purpose);
+    if (last !== undefined && last > now - 60_000) throw new MfaError('rate-limited', 'a code was sent less than a minute ago: check your mailbox, or wait a minute', last + 60_000 - now);
+    if (this.mfa.loginCodesSince(user, now - 3600_000, purpose) >= 5) throw new MfaError('rate-limited', 'five codes were sent in the last hour: wait, or use another factor', 3600_000);
+    if (this.sending.has(user)) throw new MfaError('rate-limited', 'a code is being sent');
+  }
+
+  private async sendOrFail(mail: { to: string; subject: string; text: string }): Promise<void> {
+    try {
+      await this.d.mailer().send(mail);
+    } catch (e) {
+      this.d.logger.log('error', 'mail-failed', { error: e instanceof Error ? e.message : String(e) });
+      throw new MfaError('mail-failed', e instanceof MailError ? 'the mail server did not accept the message: try again later' : undefined);
+    }
+  }
+
+  // ---- backup codes ----------------------------------------------------------------------------------------
+
+  backupGenerate(user: string, ip: string, rawProof: unknown): { codes: string[] } {
+    const now = this.clock();
+    if (!this.hasFactor(user)) throw new MfaError('no-factor', 'register the app or an external address first');
+    this.requireProofIfRegistered(user, ip, rawProof, now);
+    const codes = Array.from({ length: BACKUP_COUNT }, () => {
+      let s = '';
+      for (let i = 0; i < 10; i++) s += BACKUP_ALPHABET[crypto.randomInt(BACKUP_ALPHABET.length)];
+      return `${s.slice(0, 5)}-${s.slice(5)}`;
+    });
+    this.d.store.db
+      .transaction(() => {
+        this.mfa.replaceBackupCodes(user, codes.map((c) => this.d.secrets.hashCode(user, normaliseBackup(c))), now);
+        this.audit('backup-generate', user, ip, { count: codes.length });
+      })
+      .immediate();
+    return { codes };
+  }
+
+  // ---- enable / disable, own grants ------------------------------------------------------------------------
+
+  enable(user: string, ip: string): { mfa_enabled: true } {
+    if (!this.hasFactor(user)) throw new MfaError('no-factor', 'register the app or an external address before enabling MFA');
+    this.d.store.setUserFlag(user, 'mfa_enabled', true, 'api', this.clock(), `from ${ip}`);
+    return { mfa_enabled: true };
+  }
+
+  disable(user: string, ip: string, rawProof: unknown): { mfa_enabled: false } {
+    const proof = this.parseProof(rawProof);
+    if (!proof) throw new MfaError('proof-required');
+    const now = this.clock();
+    this.consume(user, ip, proof, now);
+    this.audit('factor-pass', user, ip, { method: proof.method, for: 'change' });
+    this.d.store.setUserFlag(user, 'mfa_enabled', false, 'api', now, `from ${ip}`);
+    return { mfa_enabled: false };
+  }
+
+  grants(user: string): GrantView[] {
+    return this.d.store.listGrants({ user, now: this.clock() }).map((g) => this.grantView(g));
+  }
+
+  revokeGrant(user: string, ip: string, id: number): GrantView {
+    const g = this.d.store.grantById(id);
+    if (!g || g.user !== user) throw new MfaError('not-registered', 'no such grant for this user');
+    const [revoked] = this.d.store.revokeGrants({ id }, 'api', `revoked by the user from ${ip}`, this.clock());
+    if (!revoked) throw new MfaError('conflict', 'the grant is no longer active');
+    return this.grantView(revoked);
+  }
+
+  // ---- helpdesk --------------------------------------------------------------------------------------------
+
+  /** After a lost phone: removes every factor and backup code, revokes every grant; MFA stays required. */
+  reset(user: string, actor: string, reason: string): { grantsRevoked: number } {
+    const now = this.clock();
+    return this.d.store.db
+      .transaction(() => {
+        if (!this.d.store.getUser(user)) throw new MfaError('not-registered', `unknown user "${user}"`);
+        this.mfa.deleteFactors(user);
+        this.mfa.deleteBackupCodes(user);
+        this.mfa.voidCodes(user, 'login', now);
+        this.mfa.voidCodes(user, 'verify', now);
+        this.mfa.clearFailures(user);
+        this.mfa.setLock(user, null, now);
+        const revoked = this.d.store.revokeGrants({ user }, actor, reason || 'factors reset', now);
+        this.d.store.audit(now, actor, 'user-reset', user, null, null, { reason, grants_revoked: revoked.length });
+        return { grantsRevoked: revoked.length };
+      })
+      .immediate();
+  }
+
+  /** Helpdesk enrolment at the desk: a new confirmed secret, returned once to show as a QR code. */
+  enrollAtDesk(user: string, actor: string): { secret: string; uri: string } {
+    const now = this.clock();
+    const secret = newSecret();
+    this.d.store.db
+      .transaction(() => {
+        this.d.store.ensureUser(user, now);
+        this.mfa.updateFactors(user, { totp_secret: this.d.secrets.encrypt(Buffer.from(secret), `totp:${user}`), totp_confirmed_at: now, totp_last_step: null, totp_pending: null, totp_pending_at: null }, now);
+        this.d.store.audit(now, actor, 'totp-register', user, null, null, { at: 'helpdesk desk' });
+      })
+      .immediate();
+    return { secret, uri: otpauthUri(this.config.totp.issuer, user, secret) };
+  }
+}
