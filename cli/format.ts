@@ -21,3 +21,8 @@ export function table(headers: string[], rows: string[][]): string {
       .trimEnd();
   return [line(headers), ...rows.map(line)].join('\n') + '\n';
 }
+
+/** A base32 key in groups of four, as authenticator apps show and accept it ("ABCD EFGH ..."). */
+export function groupKey(key: string): string {
+  return key.replace(/(.{4})(?=.)/g, '$1 ');
+}

@@ -1,18 +1,22 @@
 #!/usr/bin/env node
 // The mfagate command: the daemon (`serve`) and the operators' tools, all over the same store and config.
+import fs from 'node:fs';
 import os from 'node:os';
 import { Command, CommanderError } from 'commander';
+import QRCode from 'qrcode';
 import { type Config, ConfigError, loadConfig, locateConfig, policySettings } from '../config/config.js';
 import { formatDuration, parseDuration, DURATION_EXPECTED } from '../config/duration.js';
 import { formatEndpoint } from '../config/listen.js';
-import { type Daemon, startDaemon } from '../daemon/daemon.js';
+import { type Daemon, StartError, startDaemon } from '../daemon/daemon.js';
 import { createLogger, errorText } from '../daemon/log.js';
+import { DIGITS, PERIOD } from '../mfa/totp.js';
 import { blockOf, parseAddress } from '../policy/address.js';
 import { decide } from '../policy/decide.js';
 import { describeRule } from '../policy/rules.js';
 import { isAcceptableUserName, normaliseUser } from '../policy/user.js';
 import { type GrantRow, Store, migrateFile } from '../store/store.js';
-import { formatTime, table } from './format.js';
+import { formatTime, groupKey, table } from './format.js';
+import { type FactorsView, factorsOf, hasFactor, loadSecrets, lockOf, mfaService } from './mfa.js';
 
 /** An error the operator caused: printed without a stack, exit code as given. */
 class UsageError extends Error {
@@ -122,9 +126,39 @@ function grantsTable(grants: GrantRow[], now: number): string {
   );
 }
 
-function requiredNow(config: Config, mfaEnabled: boolean, exempt: boolean, now: number): boolean {
+/** As the decision sees it: exempt in the store or in [enforcement] exempt_users, else enabled or site-wide. */
+function requiredNow(config: Config, name: string, mfaEnabled: boolean, exempt: boolean, now: number): boolean {
   const s = policySettings(config);
-  return !exempt && (mfaEnabled || (s.requiredFrom !== undefined && now >= s.requiredFrom));
+  if (exempt || s.exemptUsers.has(name)) return false;
+  return mfaEnabled || (s.requiredFrom !== undefined && now >= s.requiredFrom);
+}
+
+/** The store's record of a user, or exit 1: the helpdesk commands act on users the store knows. */
+function knownUser(s: Store, name: string) {
+  const u = s.getUser(name);
+  if (!u) throw new UsageError(`unknown user "${name}": the store has never seen it (no login, grant or setting yet)`, 1);
+  return u;
+}
+
+function exemptLabel(config: Config, u: { name: string; exempt: boolean; mfaEnabled: boolean }): string {
+  if (u.exempt) return ' (exempt)';
+  if (config.enforcement.exemptUsers.includes(u.name)) return ' (exempt in the configuration)';
+  return u.mfaEnabled ? '' : ' (not enabled)';
+}
+
+function plural(n: number, one: string, many = `${one}s`): string {
+  return `${n} ${n === 1 ? one : many}`;
+}
+
+/** "authenticator app (registered ...), external address a***@example.com, 7 backup codes", or undefined. */
+function describeFactors(f: FactorsView): string | undefined {
+  const parts: string[] = [];
+  if (f.totp) parts.push(`authenticator app${f.totp_since ? ` (registered ${formatTime(Date.parse(f.totp_since))})` : ''}`);
+  if (f.totp_pending_since) parts.push('an unconfirmed app enrolment');
+  if (f.email) parts.push(`external address ${f.email}`);
+  if (f.email_pending) parts.push(`unconfirmed address ${f.email_pending}`);
+  if (f.backup_codes_left > 0) parts.push(plural(f.backup_codes_left, 'backup code'));
+  return parts.length ? parts.join(', ') : undefined;
 }
 
 export function buildProgram(): Command {
@@ -140,7 +174,7 @@ export function buildProgram(): Command {
   // ---- serve --------------------------------------------------------------------------------------------
   program
     .command('serve')
-    .description('run the daemon: the Dovecot and Postfix policy endpoints')
+    .description('run the daemon: the Dovecot and Postfix policy endpoints and the webmail API')
     .action(async (_o, cmd: Command) => {
       const config = configOf(cmd);
       const logger = createLogger(config.log.level);
@@ -154,6 +188,7 @@ export function buildProgram(): Command {
         `mfagate: listening\n` +
           daemon.endpoints.dovecot.map((e) => `  dovecot auth policy  ${formatEndpoint(e)}\n`).join('') +
           daemon.endpoints.postfix.map((e) => `  postfix policy       ${formatEndpoint(e)}\n`).join('') +
+          daemon.endpoints.api.map((e) => `  webmail API          ${formatEndpoint(e)}\n`).join('') +
           `  store                ${config.store.path}\n`,
       );
       process.on('SIGHUP', () => daemon.reload());
@@ -263,16 +298,22 @@ export function buildProgram(): Command {
         user: u.name,
         mfa_enabled: u.mfaEnabled,
         exempt: u.exempt,
-        mfa_required: requiredNow(config, u.mfaEnabled, u.exempt, now),
+        exempt_in_config: config.enforcement.exemptUsers.includes(u.name),
+        mfa_required: requiredNow(config, u.name, u.mfaEnabled, u.exempt, now),
         since: new Date(u.createdAt).toISOString(),
       }));
       if (o.json) return json(view);
       if (view.length === 0) return out('no users yet');
-      out(table(['USER', 'MFA', 'REQUIRED', 'EXEMPT', 'SINCE'], rows.map((u, i) => [u.name, u.mfaEnabled ? 'enabled' : 'off', view[i]?.mfa_required ? 'yes' : 'no', u.exempt ? 'yes' : 'no', formatTime(u.createdAt)])));
+      out(
+        table(
+          ['USER', 'MFA', 'REQUIRED', 'EXEMPT', 'SINCE'],
+          rows.map((u, i) => [u.name, u.mfaEnabled ? 'enabled' : 'off', view[i]?.mfa_required ? 'yes' : 'no', u.exempt ? 'yes' : view[i]?.exempt_in_config ? 'config' : 'no', formatTime(u.createdAt)]),
+        ),
+      );
     });
   users
     .command('show')
-    .description('one user: MFA state, active grants, last logins, recent changes')
+    .description('one user: MFA state, second factors, lock, active grants, last logins, recent changes')
     .argument('<user>')
     .option('--json', 'machine-readable output')
     .action((raw: string, o: { json?: boolean }, cmd: Command) => {
@@ -280,18 +321,29 @@ export function buildProgram(): Command {
       const name = userArg(config, raw);
       const now = Date.now();
       const data = withStore(config, (s) => {
-        const u = s.getUser(name);
-        if (!u) throw new UsageError(`unknown user "${name}": the store has never seen it (no login, grant or setting yet)`, 1);
-        return { u, grants: s.listGrants({ user: name, now }), logins: s.loginsOf(name), audit: s.auditOf(name, 10) };
+        const u = knownUser(s, name);
+        return {
+          u,
+          factors: factorsOf(s, name),
+          lock: lockOf(s, config, name, now),
+          grants: s.listGrants({ user: name, now }),
+          logins: s.loginsOf(name),
+          audit: s.auditOf(name, 10),
+        };
       });
-      const { u } = data;
-      const required = requiredNow(config, u.mfaEnabled, u.exempt, now);
+      const { u, factors: f, lock } = data;
+      const exemptInConfig = config.enforcement.exemptUsers.includes(u.name);
+      const required = requiredNow(config, u.name, u.mfaEnabled, u.exempt, now);
       if (o.json) {
         return json({
           user: u.name,
           mfa_enabled: u.mfaEnabled,
           exempt: u.exempt,
+          exempt_in_config: exemptInConfig,
           mfa_required: required,
+          factors: f,
+          locked_until: lock.locked_until,
+          recent_failures: lock.recent_failures,
           grants: data.grants.map((g) => grantJson(g, now)),
           logins: data.logins.map((l) => ({
             ip: l.ip,
@@ -303,10 +355,28 @@ export function buildProgram(): Command {
           audit: data.audit.map((a) => ({ at: new Date(a.at).toISOString(), actor: a.actor, action: a.action, ip: a.ip, grant: a.grantId, detail: a.detail })),
         });
       }
+      const time = (iso: string | null) => formatTime(iso === null ? null : Date.parse(iso));
+      const exemptNote = u.exempt ? ' (exempt)' : exemptInConfig ? ' (exempt in the configuration)' : '';
       out(`user:          ${u.name}`);
-      out(`MFA:           ${u.mfaEnabled ? 'enabled by the user' : 'not enabled'}${u.exempt ? ' (exempt)' : ''}`);
-      out(`MFA required:  ${required ? 'yes' : 'no'}${u.exempt ? ' (exempt)' : !u.mfaEnabled && required ? ' (site-wide required_from has passed)' : ''}`);
+      out(`MFA:           ${u.mfaEnabled ? 'enabled by the user' : 'not enabled'}${exemptNote}`);
+      out(`MFA required:  ${required ? 'yes' : 'no'}${exemptNote || (!u.mfaEnabled && required ? ' (site-wide required_from has passed)' : '')}`);
       out(`known since:   ${formatTime(u.createdAt)}`);
+      out(
+        `authenticator: ${f.totp ? `registered ${time(f.totp_since)}` : 'none'}` +
+          (f.totp_pending_since ? `; an enrolment begun ${time(f.totp_pending_since)} is not confirmed` : ''),
+      );
+      out(`external mail: ${f.email ? `${f.email}, confirmed ${time(f.email_since)}` : 'none'}`);
+      if (f.email_pending) out(`pending mail:  ${f.email_pending}, waiting for the code sent there`);
+      out(`backup codes:  ${f.backup_codes_left > 0 ? `${f.backup_codes_left} left` : 'none'}`);
+      const window = formatDuration(config.lockout.windowMs);
+      if (lock.locked_until) {
+        out(`lock:          LOCKED until ${time(lock.locked_until)} (${plural(lock.recent_failures, 'failed code')} in the last ${window}); "mfagate users unlock ${u.name}" ends it`);
+      } else {
+        out(`lock:          not locked${lock.recent_failures ? ` (${plural(lock.recent_failures, 'failed code')} in the last ${window}; locks at ${config.lockout.maxFailures})` : ''}`);
+      }
+      if (required && !hasFactor(f)) {
+        out(`note: MFA is required but no second factor is registered: the user registers one in webmail (the password is enough for the first), or at the desk with "mfagate totp enroll ${u.name}"`);
+      }
       out('');
       out(data.grants.length ? 'active grants:\n' + grantsTable(data.grants, now) : 'active grants: none');
       out(
@@ -318,6 +388,93 @@ export function buildProgram(): Command {
       if (data.audit.length) {
         out('recent changes:\n' + table(['WHEN', 'ACTOR', 'ACTION', 'IP', 'DETAIL'], data.audit.map((a) => [formatTime(a.at), a.actor, a.action, a.ip ?? '-', JSON.stringify(a.detail)])));
       }
+    });
+  users
+    .command('reset')
+    .description('after a lost phone: remove every second factor and backup code, revoke every grant; MFA stays required')
+    .argument('<user>')
+    .requiredOption('--reason <text>', 'why (a ticket number), for the audit log: required')
+    .option('--json', 'machine-readable output')
+    .action((raw: string, o: { reason: string; json?: boolean }, cmd: Command) => {
+      const config = configOf(cmd);
+      const name = userArg(config, raw);
+      const reason = o.reason.trim();
+      if (reason === '') throw new UsageError('users reset: --reason must say why (e.g. a ticket number): it goes into the audit log');
+      const now = Date.now();
+      const r = withStore(config, (s) => {
+        const u = knownUser(s, name);
+        const before = factorsOf(s, name);
+        const lock = lockOf(s, config, name, now);
+        const { grantsRevoked } = mfaService(config, s).reset(name, actor(), reason);
+        return { u, before, lock, grantsRevoked };
+      });
+      const required = requiredNow(config, r.u.name, r.u.mfaEnabled, r.u.exempt, now);
+      if (o.json) {
+        return json({
+          user: name,
+          reason,
+          removed: {
+            totp: r.before.totp,
+            totp_pending: r.before.totp_pending_since !== null,
+            email: r.before.email,
+            email_pending: r.before.email_pending,
+            backup_codes: r.before.backup_codes_left,
+          },
+          grants_revoked: r.grantsRevoked,
+          was_locked_until: r.lock.locked_until,
+          mfa_enabled: r.u.mfaEnabled,
+          mfa_required: required,
+        });
+      }
+      out(`${name}: second factors reset (reason: ${reason})`);
+      out(`removed:  ${describeFactors(r.before) ?? 'nothing (no factor or backup code was registered)'}`);
+      out(`revoked:  ${r.grantsRevoked ? plural(r.grantsRevoked, 'grant') : 'no active grant'}`);
+      if (r.lock.locked_until) out(`unlocked: was locked until ${formatTime(Date.parse(r.lock.locked_until))}`);
+      if (required) {
+        out(`MFA stays required: mail programs from outside are refused until ${name} has a new factor and passes MFA.`);
+        out(`next:     ${name} registers a factor in webmail (the password is enough for the first), or enrol one now: mfagate totp enroll ${name}`);
+      } else {
+        out(`MFA is not required for ${name} now${exemptLabel(config, r.u)}: the user may register a new factor in webmail at any time.`);
+      }
+    });
+  users
+    .command('revoke-all')
+    .description("revoke every active grant of a user (after a password change): the next mail login from outside needs MFA")
+    .argument('<user>')
+    .option('--reason <text>', 'why, for the audit log', '')
+    .option('--json', 'machine-readable output')
+    .action((raw: string, o: { reason: string; json?: boolean }, cmd: Command) => {
+      const config = configOf(cmd);
+      const name = userArg(config, raw);
+      const now = Date.now();
+      const revoked = withStore(config, (s) => {
+        knownUser(s, name);
+        return s.revokeGrants({ user: name }, actor(), o.reason, now);
+      });
+      if (o.json) return json(revoked.map((g) => grantJson(g, now)));
+      if (revoked.length === 0) return out(`${name}: no active grant: nothing revoked`);
+      out(`${name}: revoked ${plural(revoked.length, 'grant')}:`);
+      out(grantsTable(revoked, now));
+    });
+  users
+    .command('unlock')
+    .description('end a lock after too many wrong codes, and forget the failed attempts')
+    .argument('<user>')
+    .option('--json', 'machine-readable output')
+    .action((raw: string, o: { json?: boolean }, cmd: Command) => {
+      const config = configOf(cmd);
+      const name = userArg(config, raw);
+      const now = Date.now();
+      const r = withStore(config, (s) => {
+        knownUser(s, name);
+        const lock = lockOf(s, config, name, now);
+        const wasLocked = mfaService(config, s).unlock(name, actor());
+        return { lock, wasLocked };
+      });
+      if (o.json) return json({ user: name, was_locked: r.wasLocked, was_locked_until: r.lock.locked_until, failures_cleared: r.lock.recent_failures });
+      const cleared = r.lock.recent_failures ? `${plural(r.lock.recent_failures, 'failed code')} forgotten` : '';
+      if (r.wasLocked && r.lock.locked_until) out(`${name}: unlocked (was locked until ${formatTime(Date.parse(r.lock.locked_until))}${cleared ? '; ' + cleared : ''})`);
+      else out(`${name}: was not locked${cleared ? ` (${cleared})` : ''}`);
     });
   const flagCommand = (name: string, description: string, flag: 'mfa_enabled' | 'exempt', value: boolean, mustExist: boolean) =>
     users
@@ -338,6 +495,54 @@ export function buildProgram(): Command {
   flagCommand('disable', 'stop requiring MFA for this user (site-wide required_from still applies)', 'mfa_enabled', false, true);
   flagCommand('exempt', 'never require MFA for this user (service accounts)', 'exempt', true, false);
   flagCommand('unexempt', 'remove the exemption', 'exempt', false, true);
+
+  // ---- totp ---------------------------------------------------------------------------------------------
+  const totp = program.command('totp').description('authenticator apps (TOTP)');
+  totp
+    .command('enroll')
+    .description("register an authenticator app at the helpdesk desk: prints a QR code to scan (replaces the user's app)")
+    .argument('<user>')
+    .option('--json', 'machine-readable output (the key and the otpauth:// URI, no QR code)')
+    .action(async (raw: string, o: { json?: boolean }, cmd: Command) => {
+      const config = configOf(cmd);
+      const name = userArg(config, raw);
+      const r = withStore(config, (s) => {
+        const secrets = loadSecrets(config, s);
+        const before = factorsOf(s, name);
+        const { secret, uri } = mfaService(config, s, secrets).enrollAtDesk(name, actor());
+        return { before, secret, uri, at: Date.now() };
+      });
+      const replaced = r.before.totp;
+      if (replaced) {
+        process.stderr.write(
+          `mfagate: warning: this replaced the authenticator app ${name} registered ${formatTime(r.before.totp_since === null ? null : Date.parse(r.before.totp_since))}: its codes no longer work\n`,
+        );
+      }
+      if (o.json) {
+        return json({
+          user: name,
+          issuer: config.totp.issuer,
+          secret: r.secret,
+          uri: r.uri,
+          digits: DIGITS,
+          period: PERIOD,
+          registered_at: new Date(r.at).toISOString(),
+          replaced,
+          replaced_registered_at: replaced ? r.before.totp_since : null,
+        });
+      }
+      const qr = await QRCode.toString(r.uri, { type: 'terminal', small: true });
+      out(`${name}: authenticator app registered${replaced ? ' (the previous app no longer works)' : ''}`);
+      out('Scan this with the authenticator app (Google Authenticator, Microsoft Authenticator, Authy, ...):');
+      out('');
+      out(qr);
+      out(`Or add the account by hand: issuer ${config.totp.issuer}, account ${name}, time-based, ${DIGITS} digits, every ${PERIOD} s,`);
+      out(`key: ${groupKey(r.secret)}`);
+      out(`URI: ${r.uri}`);
+      out('');
+      out('The key is shown only now. Keep it out of tickets and mail, and clear the screen afterwards.');
+      out(`Check it: ${name} signs in to webmail and passes MFA with a code from the app.`);
+    });
 
   // ---- check --------------------------------------------------------------------------------------------
   program
@@ -386,6 +591,11 @@ export function buildProgram(): Command {
       out(`required for all: ${config.enforcement.requiredFrom === undefined ? 'no (users who enabled MFA only)' : 'from ' + formatTime(config.enforcement.requiredFrom)}`);
       out(`grants:           ttl ${formatDuration(config.grants.ttlMs)}, IPv4 /${config.grants.ipv4Prefix}, IPv6 /${config.grants.ipv6Prefix}`);
       out(`networks:         ${config.networks.trusted.length} trusted, ${config.networks.untrusted.length} untrusted, ${config.networks.webmail.length} webmail`);
+      out(`webmail API:      ${config.api.listen.map((e) => formatEndpoint(e) + (e.kind === 'unix' ? ` (mode ${config.api.socketMode.toString(8).padStart(4, '0')})` : '')).join(', ')}${config.api.tokenFile ? `; token in ${config.api.tokenFile}` : ''}`);
+      out(`secrets key:      ${config.secrets.keyFile}${fs.existsSync(config.secrets.keyFile) ? '' : ' (not there yet: created at the first start)'}`);
+      out(`second factors:   app issuer "${config.totp.issuer}"; mailed codes ${config.otp.digits} digits, valid ${formatDuration(config.otp.ttlMs)}${config.otp.refusedEmailDomains.length ? `; refused domains ${config.otp.refusedEmailDomains.join(', ')}` : ''}`);
+      out(`mail:             ${config.mail.smtp} from ${config.mail.from}; notices ${config.mail.notify ? 'on' : 'off'}`);
+      out(`lockout:          ${config.lockout.maxFailures} wrong codes in ${formatDuration(config.lockout.windowMs)} lock the user for ${formatDuration(config.lockout.durationMs)}; ${config.lockout.ipMaxFailures} per address`);
     });
   program
     .command('db')
@@ -440,6 +650,11 @@ export async function main(argv: string[]): Promise<number> {
     }
     if (e instanceof ConfigError) {
       process.stderr.write(`mfagate: configuration error in ${e.message}\n`);
+      return 2;
+    }
+    if (e instanceof StartError) {
+      // A file the configuration names is missing or unusable (the API token): fix the configuration.
+      process.stderr.write(`mfagate: cannot start: ${e.message}\n`);
       return 2;
     }
     if (e instanceof UsageError) {

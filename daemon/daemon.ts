@@ -1,9 +1,14 @@
 // Process life: open the store, bind every listener, run the timers, reload on SIGHUP, stop cleanly.
+import fs from 'node:fs';
 import type http from 'node:http';
 import type net from 'node:net';
 import { type Config, ConfigError, loadConfig } from '../config/config.js';
 import { type Endpoint, formatEndpoint } from '../config/listen.js';
+import { type Mailer, createMailer } from '../mfa/mailer.js';
+import { createSecrets, loadOrCreateKey } from '../mfa/secrets.js';
+import { MfaService } from '../mfa/service.js';
 import { Store } from '../store/store.js';
+import { createApiServer } from './api-server.js';
 import { createDovecotServer } from './dovecot-server.js';
 import { boundEndpoint, closeServer, listenOn } from './listeners.js';
 import { type Logger, errorText } from './log.js';
@@ -12,22 +17,73 @@ import { PolicyService } from './service.js';
 
 export interface Daemon {
   service: PolicyService;
+  /** Second factors and grants for the webmail API (tests and the API share it). */
+  mfa: MfaService;
   /** Where each endpoint listens (TCP port 0 resolved to the real port). */
-  endpoints: { dovecot: Endpoint[]; postfix: Endpoint[] };
+  endpoints: { dovecot: Endpoint[]; postfix: Endpoint[]; api: Endpoint[] };
   reload(): void;
   stop(): Promise<void>;
+}
+
+export interface DaemonOptions {
+  /** The clock for decisions and second factors (tests); default Date.now. */
+  clock?: () => number;
+}
+
+/** The daemon cannot start as configured (the message says what to fix). */
+export class StartError extends Error {
+  override name = 'StartError';
 }
 
 const REPORT_FLUSH_MS = 1000;
 const STATS_FLUSH_MS = 5000;
 const PURGE_EVERY_MS = 10 * 60_000;
+/** API bodies are a few fields; nothing legitimate comes near this. */
+const API_MAX_BODY_BYTES = 16 * 1024;
+/** Failed factor attempts are kept at least this long (the lockout window may be longer). */
+const FAILURES_KEPT_MS = 24 * 3600_000;
 
-export async function startDaemon(config: Config, logger: Logger): Promise<Daemon> {
-  const store = Store.open(config.store.path, { create: true, migrate: true });
-  const service = new PolicyService(config, store, logger);
-  const bound: { server: net.Server; endpoint: Endpoint }[] = [];
-  const endpoints: Daemon['endpoints'] = { dovecot: [], postfix: [] };
+/** The bearer token for TCP API listeners: one word of printable ASCII in `[api] token_file`. */
+export function readApiToken(file: string): string {
+  const how = 'put a random token in it, e.g. the output of "openssl rand -hex 32", readable by the daemon and the webmail only';
+  if (file === '') throw new StartError(`api.token_file: expected a file holding the bearer token when api.listen has a TCP address (${how})`);
+  let text: string;
   try {
+    text = fs.readFileSync(file, 'utf8').trim();
+  } catch (e) {
+    const err = e as NodeJS.ErrnoException;
+    throw new StartError(`api.token_file: cannot read ${file}: ${err.code === 'ENOENT' ? 'no such file' : err.message} (${how})`);
+  }
+  if (text === '') throw new StartError(`api.token_file: ${file} is empty (${how})`);
+  if (!/^[\x21-\x7e]+$/.test(text)) throw new StartError(`api.token_file: ${file}: expected one word of printable ASCII, no spaces or line breaks (${how})`);
+  return text;
+}
+
+export async function startDaemon(config: Config, logger: Logger, opts: DaemonOptions = {}): Promise<Daemon> {
+  const clock = opts.clock ?? Date.now;
+  const store = Store.open(config.store.path, { create: true, migrate: true });
+  const service = new PolicyService(config, store, logger, clock);
+  const bound: { server: net.Server; endpoint: Endpoint }[] = [];
+  const endpoints: Daemon['endpoints'] = { dovecot: [], postfix: [], api: [] };
+  let mailer: Mailer | undefined;
+  let mfa: MfaService;
+  let apiToken: string | undefined;
+  try {
+    // Everything that can fail on a bad key or token file fails here, before any listener is bound.
+    const secrets = createSecrets(loadOrCreateKey(config.secrets.keyFile));
+    if (config.api.listen.some((e) => e.kind === 'tcp')) {
+      apiToken = readApiToken(config.api.tokenFile);
+      warnAboutToken(config.api.tokenFile, apiToken, logger);
+    }
+    mailer = createMailer(config.mail.smtp, config.mail.from);
+    mfa = new MfaService({
+      store,
+      config: () => service.config,
+      secrets,
+      mailer: () => mailer as Mailer,
+      logger,
+      clock,
+    });
     for (const e of config.dovecot.listen) {
       const server = createDovecotServer(service);
       await listenOn(server, e, e.kind === 'unix' ? 0o660 : undefined);
@@ -42,8 +98,21 @@ export async function startDaemon(config: Config, logger: Logger): Promise<Daemo
       bound.push({ server, endpoint: real });
       endpoints.postfix.push(real);
     }
+    for (const e of config.api.listen) {
+      // The UNIX socket is protected by its file mode; a TCP listener requires the bearer token.
+      const server = createApiServer(mfa, {
+        token: e.kind === 'tcp' ? () => apiToken : () => undefined,
+        logger,
+        maxBodyBytes: API_MAX_BODY_BYTES,
+      });
+      await listenOn(server, e, e.kind === 'unix' ? config.api.socketMode : undefined);
+      const real = boundEndpoint(server, e);
+      bound.push({ server, endpoint: real });
+      endpoints.api.push(real);
+    }
   } catch (e) {
     await Promise.all(bound.map((b) => closeServer(b.server, b.endpoint)));
+    mailer?.close();
     store.close();
     throw e;
   }
@@ -72,6 +141,8 @@ export async function startDaemon(config: Config, logger: Logger): Promise<Daemo
       total += n;
     }
     if (total > 0) logger.log('info', 'grants-purged', { count: total });
+    // Failed factor attempts only count inside the lockout window.
+    store.mfa.purgeFailures(now - Math.max(service.config.lockout.windowMs, FAILURES_KEPT_MS));
   };
   every(PURGE_EVERY_MS, purge);
   purge();
@@ -82,6 +153,7 @@ export async function startDaemon(config: Config, logger: Logger): Promise<Daemo
     config: config.file ?? '(built-in defaults)',
     dovecot: endpoints.dovecot.map(formatEndpoint),
     postfix: endpoints.postfix.map(formatEndpoint),
+    api: endpoints.api.map(formatEndpoint),
     mode: config.enforcement.mode,
   });
 
@@ -94,6 +166,7 @@ export async function startDaemon(config: Config, logger: Logger): Promise<Daemo
   let stopping: Promise<void> | undefined;
   return {
     service,
+    mfa,
     endpoints,
     reload() {
       let next: Config;
@@ -113,6 +186,23 @@ export async function startDaemon(config: Config, logger: Logger): Promise<Daemo
       if (!same(next.postfix.listen, current.postfix.listen)) needsRestart.push('postfix.listen');
       if (next.postfix.socketMode !== current.postfix.socketMode) needsRestart.push('postfix.socket_mode');
       if (next.store.path !== current.store.path) needsRestart.push('store.path');
+      if (!same(next.api.listen, current.api.listen)) needsRestart.push('api.listen');
+      if (next.api.socketMode !== current.api.socketMode) needsRestart.push('api.socket_mode');
+      if (next.secrets.keyFile !== current.secrets.keyFile) needsRestart.push('secrets.key_file');
+      // The token is read again on every reload (rotation); a bad file keeps the running token.
+      if (endpoints.api.some((e) => e.kind === 'tcp')) {
+        try {
+          apiToken = readApiToken(next.api.tokenFile);
+          warnAboutToken(next.api.tokenFile, apiToken, logger);
+        } catch (e) {
+          logger.log('error', 'reload-failed', { error: errorText(e), action: 'kept the running API token' });
+        }
+      }
+      if (next.mail.smtp !== current.mail.smtp || next.mail.from !== current.mail.from) {
+        const old = mailer;
+        mailer = createMailer(next.mail.smtp, next.mail.from);
+        old?.close();
+      }
       service.reconfigure(next);
       logger.log(needsRestart.length ? 'warn' : 'info', 'reloaded', {
         config: next.file,
@@ -135,6 +225,7 @@ export async function startDaemon(config: Config, logger: Logger): Promise<Daemo
         await Promise.race([Promise.all(closing), new Promise((r) => setTimeout(r, 3000))]);
         clearTimeout(grace);
         service.flushReports();
+        mailer?.close();
         store.writeDaemonStats(pid, Date.now(), service.counters, Date.now());
         store.close();
         logger.log('info', 'stopped', { pid });
@@ -143,4 +234,13 @@ export async function startDaemon(config: Config, logger: Logger): Promise<Daemo
       return stopping;
     },
   };
+}
+
+function warnAboutToken(file: string, token: string, logger: Logger): void {
+  if (token.length < 16) logger.log('warn', 'weak-api-token', { file, note: 'the API token is shorter than 16 characters: use e.g. "openssl rand -hex 32"' });
+  try {
+    if ((fs.statSync(file).mode & 0o004) !== 0) logger.log('warn', 'api-token-readable', { file, note: 'the API token file is readable by every local user: chmod o-r' });
+  } catch {
+    /* it was just read; a race with a rename is not worth a warning */
+  }
 }

@@ -128,6 +128,8 @@ t.test('config check and db migrate', async (t) => {
   t.equal(ok.code, 0);
   t.match(ok.stdout, /mfagate\.toml: OK/);
   t.match(ok.stdout, /networks:\s+1 trusted, 1 untrusted/);
+  t.match(ok.stdout, /webmail API:\s+unix:\S+\/var\/api\.sock \(mode 0660\)\n/);
+  t.match(ok.stdout, /second factors:\s+app issuer "mfagate"; mailed codes 6 digits, valid 10m\n/);
   const bad = path.join(dir, 'bad.toml');
   fs.writeFileSync(bad, '[grants]\nttl = "a while"\n[dovecot]\nlisten = ["nowhere"]\n');
   const r = cli(['--config', bad, 'config', 'check']);
@@ -147,8 +149,18 @@ t.test('config check and db migrate', async (t) => {
   t.match(cli(["--config", fresh, "db", "migrate"]).stdout, new RegExp(`migrated from schema version 0 to ${SCHEMA_VERSION}`));
 });
 
+t.test('a user exempt in the configuration is not required, whatever the store says', async (t) => {
+  t.equal(run('users', 'enable', 'svc-backup').code, 0);
+  const show = run('users', 'show', 'svc-backup');
+  t.match(show.stdout, /MFA required:  no \(exempt in the configuration\)/);
+  t.match(show.stdout, /authenticator: none\nexternal mail: none\nbackup codes:  none\nlock:          not locked\n/);
+  t.match(j(run('users', 'show', 'svc-backup', '--json')), { mfa_enabled: true, exempt: false, exempt_in_config: true, mfa_required: false });
+  t.match(run('users', 'list').stdout, /svc-backup\s+enabled\s+no\s+config\s/);
+  t.equal(run('check', '--user', 'svc-backup', '--ip', '203.0.113.7').code, 0, 'as the decision says');
+});
+
 t.test('--help lists the commands and exits 0', async (t) => {
   const r = cli(['--help']);
   t.equal(r.code, 0);
-  for (const c of ['serve', 'grants', 'users', 'check', 'config', 'db', 'stats']) t.match(r.stdout, new RegExp(`\\b${c}\\b`));
+  for (const c of ['serve', 'grants', 'users', 'totp', 'check', 'config', 'db', 'stats']) t.match(r.stdout, new RegExp(`\\b${c}\\b`));
 });
