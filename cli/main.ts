@@ -16,7 +16,8 @@ import { describeRule } from '../policy/rules.js';
 import { isAcceptableUserName, normaliseUser } from '../policy/user.js';
 import { type GrantRow, Store, migrateFile } from '../store/store.js';
 import { formatTime, groupKey, table } from './format.js';
-import { type FactorsView, factorsOf, hasFactor, loadSecrets, lockOf, mfaService } from './mfa.js';
+import { openSecrets } from '../mfa/secrets.js';
+import { type FactorsView, factorsOf, hasFactor, lockOf, mfaService } from './mfa.js';
 
 /** An error the operator caused: printed without a stack, exit code as given. */
 class UsageError extends Error {
@@ -507,7 +508,7 @@ export function buildProgram(): Command {
       const config = configOf(cmd);
       const name = userArg(config, raw);
       const r = withStore(config, (s) => {
-        const secrets = loadSecrets(config, s);
+        const secrets = openSecrets(config.secrets.keyFile, s);
         const before = factorsOf(s, name);
         const { secret, uri } = mfaService(config, s, secrets).enrollAtDesk(name, actor());
         return { before, secret, uri, at: Date.now() };

@@ -5,7 +5,7 @@ import type net from 'node:net';
 import { type Config, ConfigError, loadConfig } from '../config/config.js';
 import { type Endpoint, formatEndpoint } from '../config/listen.js';
 import { type Mailer, createMailer } from '../mfa/mailer.js';
-import { createSecrets, loadOrCreateKey } from '../mfa/secrets.js';
+import { openSecrets } from '../mfa/secrets.js';
 import { MfaService } from '../mfa/service.js';
 import { Store } from '../store/store.js';
 import { createApiServer } from './api-server.js';
@@ -70,7 +70,7 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
   let apiToken: string | undefined;
   try {
     // Everything that can fail on a bad key or token file fails here, before any listener is bound.
-    const secrets = createSecrets(loadOrCreateKey(config.secrets.keyFile));
+    const secrets = openSecrets(config.secrets.keyFile, store);
     if (config.api.listen.some((e) => e.kind === 'tcp')) {
       apiToken = readApiToken(config.api.tokenFile);
       warnAboutToken(config.api.tokenFile, apiToken, logger);

@@ -3,6 +3,7 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
+import type { Store } from '../store/store.js';
 
 export class SecretsError extends Error {
   override name = 'SecretsError';
@@ -74,4 +75,50 @@ export function createSecrets(key: Buffer): Secrets {
       return ba.length === bb.length && crypto.timingSafeEqual(ba, bb);
     },
   };
+}
+
+/**
+ * The key for a store, as the daemon and the CLI load it: created when missing (mode 0600, owned like the
+ * store's directory when root creates it), but never silently replaced. A missing key file while the store
+ * holds secrets sealed with a key (a new key would void every app registration and backup code), or a key
+ * that does not open them (a wrong [secrets] key_file), is an error that says what to do.
+ */
+export function openSecrets(file: string, store: Store): Secrets {
+  const existed = fs.existsSync(file);
+  if (!existed && store.mfa.holdsSealedSecrets()) {
+    throw new SecretsError(
+      `the key file ${file} ([secrets] key_file) does not exist, but the store holds app registrations or backup codes ` +
+        'made with a key: restore the key file from the backup of the store, or correct [secrets] key_file. Refusing to create a new key.',
+    );
+  }
+  const key = loadOrCreateKey(file);
+  if (!existed) keepKeyOwner(file, store.file);
+  const secrets = createSecrets(key);
+  const sample = store.mfa.sampleTotpSecret();
+  if (sample) {
+    try {
+      secrets.decrypt(sample.sealed, `totp:${sample.user}`);
+    } catch {
+      throw new SecretsError(
+        `the key file ${file} ([secrets] key_file) does not open the app registrations in the store ${store.file}: ` +
+          'is it the key the store was written with?',
+      );
+    }
+  }
+  return secrets;
+}
+
+/** A key file root created must be readable by the daemon's user: give it the owner of its directory or the store. */
+function keepKeyOwner(file: string, storePath: string): void {
+  if (process.getuid?.() !== 0) return;
+  for (const candidate of [path.dirname(file), storePath, path.dirname(storePath)]) {
+    try {
+      const st = fs.statSync(candidate);
+      if (st.uid === 0) continue;
+      fs.chownSync(file, st.uid, st.gid);
+      return;
+    } catch {
+      /* not there: try the next */
+    }
+  }
 }

@@ -293,11 +293,11 @@ export class MfaService {
   async verify(user: string, ip: string, rawProof: unknown): Promise<GrantView> {
     const proof = this.parseProof(rawProof);
     if (!proof) throw new MfaError('bad-request', 'factor: expected {"method": "totp"|"email"|"backup", "code": "..."}');
+    const address = parseAddress(ip);
+    if (!address) throw new MfaError('bad-request', 'ip: not an IP address');
     const now = this.clock();
     this.consume(user, ip, proof, now);
     const config = this.config;
-    const address = parseAddress(ip);
-    if (!address) throw new MfaError('bad-request', 'ip: not an IP address');
     const { grant } = this.d.store.addGrant({
       user,
       ip,
@@ -521,7 +521,9 @@ export class MfaService {
     try {
       await this.d.mailer().send(mail);
     } catch (e) {
-      this.d.logger.log('error', 'mail-failed', { error: e instanceof Error ? e.message : String(e) });
+      // The server's reply may quote the recipient: mask addresses in the log line.
+      const text = (e instanceof Error ? e.message : String(e)).replace(/[^\s<>"',;:]+@[^\s<>"',;:]+/g, (a) => maskAddress(a));
+      this.d.logger.log('error', 'mail-failed', { error: text });
       throw new MfaError('mail-failed', e instanceof MailError ? 'the mail server did not accept the message: try again later' : undefined);
     }
   }

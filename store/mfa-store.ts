@@ -84,6 +84,11 @@ export class MfaStore {
       clearFailures: db.prepare('DELETE FROM failures WHERE user = ?'),
       purgeFailures: db.prepare('DELETE FROM failures WHERE at <= ?'),
       lockedUntil: db.prepare('SELECT locked_until FROM users WHERE name = ?'),
+      sealed: db.prepare(
+        `SELECT EXISTS (SELECT 1 FROM factors WHERE totp_secret IS NOT NULL OR totp_pending IS NOT NULL)
+             OR EXISTS (SELECT 1 FROM backup_codes) AS sealed`,
+      ),
+      sampleTotp: db.prepare('SELECT user, totp_secret FROM factors WHERE totp_secret IS NOT NULL LIMIT 1'),
       setLock: db.prepare('UPDATE users SET locked_until = ?, updated_at = ? WHERE name = ?'),
     };
   }
@@ -178,6 +183,17 @@ export class MfaStore {
 
   purgeFailures(before: number): void {
     this.st.purgeFailures.run(before);
+  }
+
+  /** Whether anything in the store was sealed or hashed with the secrets key (a new key would void it). */
+  holdsSealedSecrets(): boolean {
+    return (this.st.sealed.get() as { sealed: number }).sealed === 1;
+  }
+
+  /** One sealed TOTP secret, to check that a key file is the one the store was written with. */
+  sampleTotpSecret(): { user: string; sealed: Buffer } | undefined {
+    const r = this.st.sampleTotp.get() as { user: string; totp_secret: Buffer } | undefined;
+    return r ? { user: r.user, sealed: r.totp_secret } : undefined;
   }
 
   lockedUntil(user: string): number | undefined {

@@ -158,14 +158,18 @@ export class Store implements Facts {
         }
         migrate(db);
       }
-      return new Store(db);
+      return new Store(db, file);
     } catch (e) {
       db.close();
       throw e;
     }
   }
 
-  private constructor(db: Database.Database) {
+  private constructor(
+    db: Database.Database,
+    /** The store's file, for messages. */
+    readonly file: string,
+  ) {
     this.db = db;
     this.mfa = new MfaStore(db);
     this.st = {

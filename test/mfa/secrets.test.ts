@@ -4,7 +4,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
-import { createSecrets, loadOrCreateKey, SecretsError } from '../../mfa/secrets.js';
+import { createSecrets, loadOrCreateKey, openSecrets, SecretsError } from '../../mfa/secrets.js';
 import { tempDir } from '../helpers/daemon.js';
 import { IP, mfaHarness } from '../helpers/mfa.js';
 
@@ -179,4 +179,21 @@ t.test('a service started with another key cannot use the stored seed (refuses, 
   t.teardown(() => other.store.close());
   await t.rejects(other.svc.verify('alice', IP, { method: 'totp', code: other.totp(secret) }), SecretsError);
   t.equal(h.store.listGrants({ user: 'alice', now: h.clock.now }).length, 0, 'no grant');
+});
+
+t.test('openSecrets never replaces a key the store depends on', async (t) => {
+  const h = mfaHarness();
+  t.teardown(() => h.close());
+  const keyFile = path.join(dir, 'guard/secret.key');
+  // A fresh store: the key is created.
+  const first = openSecrets(keyFile, h.store);
+  t.ok(fs.existsSync(keyFile));
+  // Seal something with it, as an enrolment would.
+  h.store.mfa.updateFactors('alice', { totp_secret: first.encrypt(Buffer.from('JBSWY3DPEHPK3PXP'), 'totp:alice') }, Date.now());
+  t.ok(openSecrets(keyFile, h.store), 'the same key opens it again');
+  fs.renameSync(keyFile, `${keyFile}.moved`);
+  t.throws(() => openSecrets(keyFile, h.store), /does not exist, but the store holds app registrations/, 'a missing key is not silently recreated');
+  t.notOk(fs.existsSync(keyFile), 'and no new key file was written');
+  fs.writeFileSync(keyFile, crypto.randomBytes(32).toString('base64') + '\n', { mode: 0o600 });
+  t.throws(() => openSecrets(keyFile, h.store), /does not open the app registrations/, 'a different key is refused');
 });
