@@ -11,7 +11,7 @@ import { type Daemon, StartError, startDaemon } from '../daemon/daemon.js';
 import { createLogger, errorText } from '../daemon/log.js';
 import { DIGITS, PERIOD } from '../mfa/totp.js';
 import { blockOf, parseAddress } from '../policy/address.js';
-import { decide } from '../policy/decide.js';
+import { decide, mfaRequired } from '../policy/decide.js';
 import { describeRule } from '../policy/rules.js';
 import { isAcceptableUserName, normaliseUser } from '../policy/user.js';
 import { type GrantRow, Store, migrateFile } from '../store/store.js';
@@ -129,9 +129,8 @@ function grantsTable(grants: GrantRow[], now: number): string {
 
 /** As the decision sees it: exempt in the store or in [enforcement] exempt_users, else enabled or site-wide. */
 function requiredNow(config: Config, name: string, mfaEnabled: boolean, exempt: boolean, now: number): boolean {
-  const s = policySettings(config);
-  if (exempt || s.exemptUsers.has(name)) return false;
-  return mfaEnabled || (s.requiredFrom !== undefined && now >= s.requiredFrom);
+  const settings = { exemptUsers: new Set(config.enforcement.exemptUsers), requiredFrom: config.enforcement.requiredFrom };
+  return mfaRequired(settings, name, { mfaEnabled, exempt }, now);
 }
 
 /** The store's record of a user, or exit 1: the helpdesk commands act on users the store knows. */

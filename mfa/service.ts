@@ -5,7 +5,7 @@ import crypto from 'node:crypto';
 import type { Config } from '../config/config.js';
 import { policySettings } from '../config/config.js';
 import { blockOf, parseAddress } from '../policy/address.js';
-import { decide } from '../policy/decide.js';
+import { decide, mfaRequired } from '../policy/decide.js';
 import { describeRule } from '../policy/rules.js';
 import { isAcceptableUserName, normaliseUser } from '../policy/user.js';
 import type { GrantRow, Store } from '../store/store.js';
@@ -147,10 +147,11 @@ export class MfaService {
     }
     // Exempt by the store's flag or by [enforcement] exempt_users, as the decision counts it.
     const exempt = (u?.exempt ?? false) || settings.exemptUsers.has(user);
+    const facts = u ? { mfaEnabled: u.mfaEnabled, exempt: u.exempt } : undefined;
     return {
       user,
       mfa_enabled: u?.mfaEnabled ?? false,
-      mfa_required: !exempt && ((u?.mfaEnabled ?? false) || (settings.requiredFrom !== undefined && now >= settings.requiredFrom)),
+      mfa_required: mfaRequired(settings, user, facts, now),
       exempt,
       factors: {
         totp: f?.totpSecret != null,

@@ -65,6 +65,21 @@ export interface Decision {
   grant?: GrantFacts;
 }
 
+/**
+ * Whether MFA is required for a user: the user enabled it, or the site-wide date has passed; never for a user
+ * exempt in the configuration or in the store. The one statement of rule 4, for the decision and for the
+ * status the CLI and the API show.
+ */
+export function mfaRequired(
+  settings: Pick<PolicySettings, 'exemptUsers' | 'requiredFrom'>,
+  name: string,
+  user: UserFacts | undefined,
+  now: number,
+): boolean {
+  if (settings.exemptUsers.has(name) || user?.exempt) return false;
+  return (user?.mfaEnabled ?? false) || (settings.requiredFrom !== undefined && now >= settings.requiredFrom);
+}
+
 export function decide(settings: PolicySettings, req: DecisionRequest, facts: Facts): Decision {
   const block = blockOf(req.address, settings.prefixes);
   let untrustedRange = false;
@@ -87,8 +102,7 @@ export function decide(settings: PolicySettings, req: DecisionRequest, facts: Fa
   if (settings.exemptUsers.has(req.user)) return done('allow', 'user-exempt');
   const { user, grant } = facts.lookup(req.user, block, req.now);
   if (user?.exempt) return done('allow', 'user-exempt');
-  const siteWide = settings.requiredFrom !== undefined && req.now >= settings.requiredFrom;
-  if (!user?.mfaEnabled && !siteWide) return done('allow', 'mfa-not-required');
+  if (!mfaRequired(settings, req.user, user, req.now)) return done('allow', 'mfa-not-required');
   // 5. A grant for (user, block).
   if (grant) return done('allow', 'grant', grant);
   // 6. Refuse.
