@@ -3,6 +3,7 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
+import { giveToDaemonUser } from '../store/ownership.js';
 import type { Store } from '../store/store.js';
 
 export class SecretsError extends Error {
@@ -92,7 +93,7 @@ export function openSecrets(file: string, store: Store): Secrets {
     );
   }
   const key = loadOrCreateKey(file);
-  if (!existed) keepKeyOwner(file, store.file);
+  if (!existed) giveToDaemonUser([file], [path.dirname(file), store.file, path.dirname(store.file)]);
   const secrets = createSecrets(key);
   const sample = store.mfa.sampleTotpSecret();
   if (sample) {
@@ -106,19 +107,4 @@ export function openSecrets(file: string, store: Store): Secrets {
     }
   }
   return secrets;
-}
-
-/** A key file root created must be readable by the daemon's user: give it the owner of its directory or the store. */
-function keepKeyOwner(file: string, storePath: string): void {
-  if (process.getuid?.() !== 0) return;
-  for (const candidate of [path.dirname(file), storePath, path.dirname(storePath)]) {
-    try {
-      const st = fs.statSync(candidate);
-      if (st.uid === 0) continue;
-      fs.chownSync(file, st.uid, st.gid);
-      return;
-    } catch {
-      /* not there: try the next */
-    }
-  }
 }

@@ -5,6 +5,7 @@ import path from 'node:path';
 import Database from 'better-sqlite3';
 import type { Facts, GrantFacts, LookupResult } from '../policy/decide.js';
 import { MfaStore } from './mfa-store.js';
+import { giveToDaemonUser } from './ownership.js';
 import { MIGRATIONS, SCHEMA_VERSION } from './migrations.js';
 
 export interface UserRow {
@@ -151,7 +152,9 @@ export class Store implements Facts {
       if (version > SCHEMA_VERSION) {
         throw new StoreError(`${file} has schema version ${version}, newer than this mfagate (${SCHEMA_VERSION}): upgrade mfagate`);
       }
-      keepOwner(file);
+      // When root runs the CLI on the daemon's store, SQLite may create the store or its -wal and -shm files
+      // owned by root, and the daemon could no longer write.
+      giveToDaemonUser([file, `${file}-wal`, `${file}-shm`], [file, path.dirname(file)]);
       if (version < SCHEMA_VERSION) {
         if (opts.migrate === false) {
           throw new StoreError(`${file} has schema version ${version}, expected ${SCHEMA_VERSION}: run "mfagate db migrate"`);
@@ -500,31 +503,6 @@ export class Store implements Facts {
       logOnly: r['log_only'] as number,
       badRequests: r['bad_requests'] as number,
     };
-  }
-}
-
-/**
- * When root runs the CLI on the daemon's store, SQLite may create the -wal and -shm files (or the store itself)
- * owned by root, and the daemon, running as its own user, could no longer write. Give them the owner of the
- * store's directory (or of the store file, when it exists).
- */
-function keepOwner(file: string): void {
-  if (process.getuid?.() !== 0) return;
-  let owner: fs.Stats;
-  try {
-    owner = fs.existsSync(file) ? fs.statSync(file) : fs.statSync(path.dirname(file));
-    if (owner.uid === 0 && fs.statSync(path.dirname(file)).uid !== 0) owner = fs.statSync(path.dirname(file));
-  } catch {
-    return;
-  }
-  if (owner.uid === 0) return;
-  for (const f of [file, `${file}-wal`, `${file}-shm`]) {
-    try {
-      const st = fs.statSync(f);
-      if (st.uid !== owner.uid || st.gid !== owner.gid) fs.chownSync(f, owner.uid, owner.gid);
-    } catch {
-      /* not there (yet) */
-    }
   }
 }
 

@@ -1,62 +1,18 @@
 // Helpers for the webmail API tests: an in-process daemon with an injectable clock, a JSON client for the
 // UNIX socket and TCP, a tiny SMTP sink that keeps what mfagate sends, mail decoding, and an "authenticator app"
 // that hands out codes for time steps not used yet.
-import fs from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
-import path from 'node:path';
-import { parseConfigText } from '../../config/config.js';
-import { type Daemon, startDaemon } from '../../daemon/daemon.js';
-import { createLogger } from '../../daemon/log.js';
 import { PERIOD, codeAt } from '../../mfa/totp.js';
-import { mergeSections, tempDir } from './daemon.js';
+import { type InProcess, startInProcess, tempDir } from './daemon.js';
 
 // ---- an in-process daemon --------------------------------------------------------------------------------
 
-export interface ApiDaemon {
-  dir: string;
-  daemon: Daemon;
-  logs: Record<string, unknown>[];
-  configFile: string;
-  dovecotPort: number;
-  /** The API's UNIX socket. */
-  apiSocket: string;
-  /** The API's TCP port, when the config has a TCP API listener. */
-  apiPort: number | undefined;
-  stop(): Promise<void>;
-}
+export type ApiDaemon = InProcess;
 
-/**
- * A daemon in this process: Dovecot endpoint on a free loopback port, Postfix and API on UNIX sockets in a temp
- * dir (api.sock), plus whatever `toml` adds or overrides. `files` are written into the dir first (token files).
- */
-export async function startApiDaemon(o: { toml?: string; clock?: () => number; files?: Record<string, string>; dir?: string } = {}): Promise<ApiDaemon> {
-  const dir = o.dir ?? tempDir('mfagate-api-');
-  for (const [name, text] of Object.entries(o.files ?? {})) fs.writeFileSync(path.join(dir, name), text, { mode: 0o600 });
-  const configFile = path.join(dir, 'mfagate.toml');
-  const text = `[store]\npath = "mfagate.db"\n[dovecot]\nlisten = ["127.0.0.1:0"]\n[postfix]\nlisten = ["unix:policy.sock"]\n[api]\nlisten = ["unix:api.sock"]\n[secrets]\nkey_file = "secret.key"\n${o.toml ?? ''}`;
-  fs.writeFileSync(configFile, mergeSections(text));
-  const config = parseConfigText(fs.readFileSync(configFile, 'utf8'), configFile);
-  const logs: Record<string, unknown>[] = [];
-  const logger = createLogger('debug', { write: (line) => logs.push(JSON.parse(line) as Record<string, unknown>) });
-  const daemon = await startDaemon(config, logger, o.clock ? { clock: o.clock } : {});
-  const d = daemon.endpoints.dovecot[0];
-  const unix = daemon.endpoints.api.find((e) => e.kind === 'unix');
-  const tcp = daemon.endpoints.api.find((e) => e.kind === 'tcp');
-  if (d?.kind !== 'tcp' || unix?.kind !== 'unix') throw new Error('unexpected endpoints');
-  return {
-    dir,
-    daemon,
-    logs,
-    configFile,
-    dovecotPort: d.port,
-    apiSocket: unix.path,
-    apiPort: tcp?.kind === 'tcp' ? tcp.port : undefined,
-    async stop() {
-      await daemon.stop();
-      fs.rmSync(dir, { recursive: true, force: true });
-    },
-  };
+/** An in-process daemon (see startInProcess) for the API tests, in a dir of its own. */
+export function startApiDaemon(o: { toml?: string; clock?: () => number; files?: Record<string, string>; dir?: string } = {}): Promise<ApiDaemon> {
+  return startInProcess(o.toml ?? '', o.dir ?? tempDir('mfagate-api-'), { clock: o.clock, files: o.files });
 }
 
 // ---- a JSON client ---------------------------------------------------------------------------------------

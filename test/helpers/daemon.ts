@@ -22,21 +22,38 @@ export interface InProcess {
   configFile: string;
   dovecotPort: number;
   postfixSocket: string;
+  /** The webmail API's UNIX socket. */
+  apiSocket: string;
+  /** The API's TCP port, when the config has a TCP API listener. */
+  apiPort: number | undefined;
   stop(): Promise<void>;
 }
 
-/** A daemon in this process on a free loopback port and a UNIX socket in a temp dir. `toml` overrides the base config. */
-export async function startInProcess(toml = '', dir = tempDir()): Promise<InProcess> {
+/**
+ * A daemon in this process: the Dovecot endpoint on a free loopback port, Postfix and the API on UNIX sockets
+ * in a temp dir, the secrets key beside them. `toml` adds to or overrides that config; `files` are written
+ * into the dir first (token files); `clock` drives decisions and second factors.
+ */
+export async function startInProcess(
+  toml = '',
+  dir = tempDir(),
+  o: { clock?: () => number; files?: Record<string, string> } = {},
+): Promise<InProcess> {
+  for (const [name, text] of Object.entries(o.files ?? {})) fs.writeFileSync(path.join(dir, name), text, { mode: 0o600 });
   const configFile = path.join(dir, 'mfagate.toml');
-  const text = `[store]\npath = "mfagate.db"\n[dovecot]\nlisten = ["127.0.0.1:0"]\n[postfix]\nlisten = ["unix:policy.sock"]\n${toml}`;
+  const text =
+    '[store]\npath = "mfagate.db"\n[dovecot]\nlisten = ["127.0.0.1:0"]\n[postfix]\nlisten = ["unix:policy.sock"]\n' +
+    `[api]\nlisten = ["unix:api.sock"]\n[secrets]\nkey_file = "secret.key"\n${toml}`;
   fs.writeFileSync(configFile, mergeSections(text));
   const config = parseConfigText(fs.readFileSync(configFile, 'utf8'), configFile);
   const logs: Record<string, unknown>[] = [];
   const logger = createLogger('debug', { write: (line) => logs.push(JSON.parse(line) as Record<string, unknown>) });
-  const daemon = await startDaemon(config, logger);
+  const daemon = await startDaemon(config, logger, o.clock ? { clock: o.clock } : {});
   const d = daemon.endpoints.dovecot[0];
   const p = daemon.endpoints.postfix[0];
-  if (d?.kind !== 'tcp' || p?.kind !== 'unix') throw new Error('unexpected endpoints');
+  const unix = daemon.endpoints.api.find((e) => e.kind === 'unix');
+  const tcp = daemon.endpoints.api.find((e) => e.kind === 'tcp');
+  if (d?.kind !== 'tcp' || p?.kind !== 'unix' || unix?.kind !== 'unix') throw new Error('unexpected endpoints');
   return {
     dir,
     daemon,
@@ -44,6 +61,8 @@ export async function startInProcess(toml = '', dir = tempDir()): Promise<InProc
     configFile,
     dovecotPort: d.port,
     postfixSocket: p.path,
+    apiSocket: unix.path,
+    apiPort: tcp?.kind === 'tcp' ? tcp.port : undefined,
     async stop() {
       await daemon.stop();
       fs.rmSync(dir, { recursive: true, force: true });
