@@ -257,6 +257,8 @@ async function main(): Promise<void> {
       `api_key = "${API_KEY}"`,
       '[postfix]',
       'listen = ["unix:policy.sock"]',
+      '[web]',
+      'listen = []',
       '[log]',
       'level = "info"',
       '',

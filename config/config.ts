@@ -50,6 +50,17 @@ export interface Config {
   };
   postfix: { listen: Endpoint[]; socketMode: number; rejectAction: string };
   api: { listen: Endpoint[]; socketMode: number; tokenFile: string };
+  web: {
+    /** Empty: no web page. */
+    listen: Endpoint[];
+    /** The sub-path the reverse proxy forwards, without a trailing "/": "" for the root, "/mfa". */
+    basePath: string;
+    trustedProxies: string[];
+    dovecotAuthSocket: string;
+    firstRegistration: 'anywhere' | 'trusted-only';
+    secureCookie: boolean;
+    sessionIdleMs: number;
+  };
   secrets: { keyFile: string };
   totp: { issuer: string };
   otp: { digits: number; ttlMs: number; refusedEmailDomains: string[] };
@@ -78,11 +89,23 @@ const asciiLine = (what: string, max: number) =>
 
 const ACTION_WORDS = /^(REJECT|DEFER|DEFER_IF_PERMIT|DEFER_IF_REJECT|HOLD|DISCARD|WARN|INFO)(\s|$)|^[45]\d\d(\s|$)/i;
 
-const listen = z
-  .array(z.string().refine((s) => parseEndpoint(s, "/") !== undefined, { message: `expected ${LISTEN_EXPECTED} (UNIX paths at most 107 bytes)` }))
-  .refine((a) => a.length > 0, { message: 'expected at least one listener' });
+const endpointList = z.array(
+  z.string().refine((s) => parseEndpoint(s, "/") !== undefined, { message: `expected ${LISTEN_EXPECTED} (UNIX paths at most 107 bytes)` }),
+);
+
+const listen = endpointList.refine((a) => a.length > 0, { message: 'expected at least one listener' });
 
 const socketMode = z.string().refine((s) => /^0?[0-7]{3}$/.test(s), { message: 'expected an octal mode such as "0660"' });
+
+// A URL path prefix: "/", "/mfa", "/mail/mfa/". No "//" and no "." or ".." segments, which browsers and proxies
+// would collapse, so that the page's own links always match what the proxy forwards.
+const basePath = z.string().refine(
+  (s) => /^\/[A-Za-z0-9._~/-]*$/.test(s) && !s.includes('//') && !s.split('/').some((seg) => seg === '.' || seg === '..'),
+  { message: 'expected a URL path such as "/" or "/mfa" (letters, digits, ".", "_", "~", "-" and "/"; no "//", "." or ".." segments)' },
+);
+
+const SESSION_IDLE_MIN_MS = 60_000;
+const SESSION_IDLE_MAX_MS = 86_400_000;
 
 const rfc3339 =
   /^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$/;
@@ -145,6 +168,25 @@ const schema = z.strictObject({
       listen: listen.default(['unix:var/api.sock']),
       socket_mode: socketMode.default('0660'),
       token_file: z.string().default(''),
+    })
+    .prefault({}),
+  web: z
+    .strictObject({
+      listen: endpointList.default(['127.0.0.1:8480']),
+      base_path: basePath.default('/'),
+      trusted_proxies: cidrList.default([]),
+      dovecot_auth_socket: z.string().min(1, { message: 'expected a socket path' }).default('/run/dovecot/auth-client'),
+      first_registration: z.enum(['anywhere', 'trusted-only'], { message: 'expected "anywhere" or "trusted-only"' }).default('anywhere'),
+      secure_cookie: z.boolean().default(true),
+      session_idle: duration
+        .refine(
+          (s) => {
+            const ms = parseDuration(s);
+            return ms === undefined || (ms >= SESSION_IDLE_MIN_MS && ms <= SESSION_IDLE_MAX_MS);
+          },
+          { message: 'expected a duration from "1m" to "24h"' },
+        )
+        .default('15m'),
     })
     .prefault({}),
   secrets: z.strictObject({ key_file: z.string().min(1, { message: 'expected a file path' }).default('var/secret.key') }).prefault({}),
@@ -276,6 +318,15 @@ function fromRaw(raw: RawConfig, file: string | undefined, baseDir: string): Con
       listen: endpoints('api.listen', raw.api.listen),
       socketMode: parseInt(raw.api.socket_mode, 8),
       tokenFile: raw.api.token_file === '' ? '' : path.resolve(baseDir, raw.api.token_file),
+    },
+    web: {
+      listen: endpoints('web.listen', raw.web.listen),
+      basePath: raw.web.base_path.replace(/\/$/, ''),
+      trustedProxies: raw.web.trusted_proxies,
+      dovecotAuthSocket: path.resolve(baseDir, raw.web.dovecot_auth_socket),
+      firstRegistration: raw.web.first_registration,
+      secureCookie: raw.web.secure_cookie,
+      sessionIdleMs: parseDuration(raw.web.session_idle) ?? 0,
     },
     secrets: { keyFile: path.resolve(baseDir, raw.secrets.key_file) },
     totp: raw.totp,

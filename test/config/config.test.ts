@@ -30,6 +30,15 @@ t.test('built-in defaults work on a fresh checkout', async (t) => {
   t.same(c.enforcement.protocols, ['imap', 'pop3', 'smtp', 'submission', 'sieve']);
   t.equal(c.dovecot.message, DEFAULT_DOVECOT_MESSAGE);
   t.match(c.dovecot.message, /^\[AUTHENTICATIONFAILED\] [\x20-\x7e]+$/);
+  t.same(c.web, {
+    listen: [{ kind: 'tcp', host: '127.0.0.1', port: 8480 }],
+    basePath: '',
+    trustedProxies: [],
+    dovecotAuthSocket: '/run/dovecot/auth-client',
+    firstRegistration: 'anywhere',
+    secureCookie: true,
+    sessionIdleMs: 15 * 60_000,
+  });
 });
 
 t.test('a full file, relative paths against the file directory', async (t) => {
@@ -61,6 +70,14 @@ messages = { pop3 = "MFA required (POP)" }
 listen = ["unix:/run/mfagate/policy.sock", "127.0.0.1:9001"]
 socket_mode = "0666"
 reject_action = "REJECT MFA required"
+[web]
+listen = ["127.0.0.1:9002", "unix:run/web.sock"]
+base_path = "/mail/mfa/"
+trusted_proxies = ["127.0.0.1", "2001:db8:ca::10"]
+dovecot_auth_socket = "run/auth-client"
+first_registration = "trusted-only"
+secure_cookie = false
+session_idle = "1h30m"
 `,
     '/etc/mfagate/mfagate.toml',
   );
@@ -73,6 +90,37 @@ reject_action = "REJECT MFA required"
   t.same(c.dovecot.listen[2], { kind: 'unix', path: '/etc/mfagate/run/dovecot.sock' });
   t.equal(c.postfix.socketMode, 0o666);
   t.equal(c.dovecot.messages['pop3'], 'MFA required (POP)');
+  t.same(c.web, {
+    listen: [
+      { kind: 'tcp', host: '127.0.0.1', port: 9002 },
+      { kind: 'unix', path: '/etc/mfagate/run/web.sock' },
+    ],
+    basePath: '/mail/mfa',
+    trustedProxies: ['127.0.0.1', '2001:db8:ca::10'],
+    dovecotAuthSocket: '/etc/mfagate/run/auth-client',
+    firstRegistration: 'trusted-only',
+    secureCookie: false,
+    sessionIdleMs: 90 * 60_000,
+  });
+});
+
+t.test('[web]: no listener means no page; base_path is normalised; session_idle is bounded', async (t) => {
+  const web = (text: string) => parseConfigText(`[web]\n${text}\n`, '/etc/mfagate/mfagate.toml').web;
+  t.same(web('listen = []').listen, [], 'an empty list is allowed here (no web page)');
+  t.same(web('listen = ["[::1]:8480"]').listen, [{ kind: 'tcp', host: '::1', port: 8480 }]);
+  const table: [string, string][] = [
+    ['/', ''],
+    ['/mfa', '/mfa'],
+    ['/mfa/', '/mfa'],
+    ['/mail/mfa', '/mail/mfa'],
+    ['/a.b_c~d-e/', '/a.b_c~d-e'],
+    ['/.well-known', '/.well-known'],
+  ];
+  for (const [given, want] of table) t.equal(web(`base_path = "${given}"`).basePath, want, given);
+  t.equal(web('dovecot_auth_socket = "/var/run/dovecot/auth-client"').dovecotAuthSocket, '/var/run/dovecot/auth-client', 'absolute paths stay');
+  t.equal(web('session_idle = "1m"').sessionIdleMs, 60_000, 'the shortest');
+  t.equal(web('session_idle = "24h"').sessionIdleMs, 86_400_000, 'the longest');
+  t.equal(web('session_idle = "1d"').sessionIdleMs, 86_400_000, 'one day is 24h');
 });
 
 t.test('a TOML date-time works for required_from; a local one does not', async (t) => {
@@ -92,6 +140,26 @@ t.test('errors name the file, the key and what was expected', async (t) => {
     ['[dovecot]\nlisten = ["8470"]', /^dovecot\.listen\.0: expected "host:port"/],
     ['[dovecot]\nlisten = ["example.com:8470"]', /^dovecot\.listen\.0: /],
     ['[dovecot]\nlisten = []', /^dovecot\.listen: expected at least one listener/],
+    ['[web]\nlisten = ["8480"]', /^web\.listen\.0: expected "host:port"/],
+    ['[web]\nlisten = "127.0.0.1:8480"', /^web\.listen: /],
+    ['[web]\nbase_path = "mfa"', /^web\.base_path: expected a URL path such as "\/" or "\/mfa"/],
+    ['[web]\nbase_path = ""', /^web\.base_path: expected a URL path/],
+    ['[web]\nbase_path = "//mfa"', /^web\.base_path: expected a URL path/],
+    ['[web]\nbase_path = "/mail//mfa"', /^web\.base_path: expected a URL path/],
+    ['[web]\nbase_path = "/mail/../mfa"', /^web\.base_path: expected a URL path/],
+    ['[web]\nbase_path = "/mfa/."', /^web\.base_path: expected a URL path/],
+    ['[web]\nbase_path = "/mfa?x=1"', /^web\.base_path: expected a URL path/],
+    ['[web]\nbase_path = "/m fa"', /^web\.base_path: expected a URL path/],
+    ['[web]\nbase_path = "/多要素"', /^web\.base_path: expected a URL path/],
+    ['[web]\ntrusted_proxies = ["proxy.example.ac.jp"]', /^web\.trusted_proxies\.0: expected an IP address or CIDR range/],
+    ['[web]\ndovecot_auth_socket = ""', /^web\.dovecot_auth_socket: expected a socket path/],
+    ['[web]\nfirst_registration = "campus"', /^web\.first_registration: expected "anywhere" or "trusted-only"/],
+    ['[web]\nsecure_cookie = "yes"', /^web\.secure_cookie: /],
+    ['[web]\nsession_idle = "soon"', /^web\.session_idle: expected a duration such as "14h"/],
+    ['[web]\nsession_idle = "59s"', /^web\.session_idle: expected a duration from "1m" to "24h"/],
+    ['[web]\nsession_idle = "24h1s"', /^web\.session_idle: expected a duration from "1m" to "24h"/],
+    ['[web]\nsession_idle = "2d"', /^web\.session_idle: expected a duration from "1m" to "24h"/],
+    ['[web]\nsesion_idle = "1h"', /^web\.sesion_idle: unknown key/],
     ['[dovecot]\nmessage = "多要素認証が必要です"', /^dovecot\.message: expected .* printable ASCII/],
     ['[dovecot]\nmessage = "line\\nbreak"', /^dovecot\.message: /],
     ['[postfix]\nreject_action = "please go away"', /^postfix\.reject_action: expected an access\(5\) action/],
@@ -115,6 +183,7 @@ t.test('errors name the file, the key and what was expected', async (t) => {
     t.match(err.message, /^\/etc\/mfagate\/mfagate\.toml: /, 'names the file');
   }
   t.equal(problemsOf('[grants]\nttl = "x"\n[enforcement]\nmode = "y"').length, 2, 'every problem is reported at once');
+  t.same(problemsOf('[web]\nsession_idle = "soon"'), ['web.session_idle: expected a duration such as "14h", "30m", "90s" or "1h30m"'], 'a bad duration is one problem, not two');
 });
 
 t.test('locating the file: --config, $MFAGATE_CONFIG, ./mfagate.toml, defaults', async (t) => {

@@ -47,6 +47,8 @@ message = "${MESSAGE}"
 listen = ["unix:policy.sock"]
 [api]
 listen = ["unix:${apiSocket}"]
+[web]
+listen = []
 [totp]
 issuer = "Mail Test"
 [otp]

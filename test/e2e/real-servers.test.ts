@@ -50,6 +50,8 @@ message = "${MESSAGE}"
 listen = ["unix:${policySocket}"]
 socket_mode = "0666"
 reject_action = "${REJECT}"
+[web]
+listen = []
 `,
   );
   t.equal(mfagate('users', 'enable', 'alice').code, 0);

@@ -43,7 +43,7 @@ export async function startInProcess(
   const configFile = path.join(dir, 'mfagate.toml');
   const text =
     '[store]\npath = "mfagate.db"\n[dovecot]\nlisten = ["127.0.0.1:0"]\n[postfix]\nlisten = ["unix:policy.sock"]\n' +
-    `[api]\nlisten = ["unix:api.sock"]\n[secrets]\nkey_file = "secret.key"\n${toml}`;
+    `[api]\nlisten = ["unix:api.sock"]\n[web]\nlisten = []\n[secrets]\nkey_file = "secret.key"\n${toml}`;
   fs.writeFileSync(configFile, mergeSections(text));
   const config = parseConfigText(fs.readFileSync(configFile, 'utf8'), configFile);
   const logs: Record<string, unknown>[] = [];
