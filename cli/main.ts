@@ -189,6 +189,7 @@ export function buildProgram(): Command {
           daemon.endpoints.dovecot.map((e) => `  dovecot auth policy  ${formatEndpoint(e)}\n`).join('') +
           daemon.endpoints.postfix.map((e) => `  postfix policy       ${formatEndpoint(e)}\n`).join('') +
           daemon.endpoints.api.map((e) => `  webmail API          ${formatEndpoint(e)}\n`).join('') +
+          daemon.endpoints.web.map((e) => `  MFA web page         ${e.kind === 'tcp' ? `http://${formatEndpoint(e)}${config.web.basePath}/` : formatEndpoint(e)}\n`).join('') +
           `  store                ${config.store.path}\n`,
       );
       process.on('SIGHUP', () => daemon.reload());
@@ -592,6 +593,10 @@ export function buildProgram(): Command {
       out(`grants:           ttl ${formatDuration(config.grants.ttlMs)}, IPv4 /${config.grants.ipv4Prefix}, IPv6 /${config.grants.ipv6Prefix}`);
       out(`networks:         ${config.networks.trusted.length} trusted, ${config.networks.untrusted.length} untrusted, ${config.networks.webmail.length} webmail`);
       out(`webmail API:      ${config.api.listen.map((e) => formatEndpoint(e) + (e.kind === 'unix' ? ` (mode ${config.api.socketMode.toString(8).padStart(4, '0')})` : '')).join(', ')}${config.api.tokenFile ? `; token in ${config.api.tokenFile}` : ''}`);
+      const w = config.web;
+      out(
+        `MFA web page:     ${w.listen.length === 0 ? 'off' : `${w.listen.map(formatEndpoint).join(', ')} at ${w.basePath || '/'}; proxies ${w.trustedProxies.length ? w.trustedProxies.join(', ') : 'none'}; passwords via ${w.dovecotAuthSocket}; first factor ${w.firstRegistration}${w.secureCookie ? '' : '; cookie NOT Secure (tests only)'}`}`,
+      );
       out(`secrets key:      ${config.secrets.keyFile}${fs.existsSync(config.secrets.keyFile) ? '' : ' (not there yet: created at the first start)'}`);
       out(`second factors:   app issuer "${config.totp.issuer}"; mailed codes ${config.otp.digits} digits, valid ${formatDuration(config.otp.ttlMs)}${config.otp.refusedEmailDomains.length ? `; refused domains ${config.otp.refusedEmailDomains.join(', ')}` : ''}`);
       out(`mail:             ${config.mail.smtp} from ${config.mail.from}; notices ${config.mail.notify ? 'on' : 'off'}`);

@@ -14,13 +14,14 @@ import { boundEndpoint, closeServer, listenOn } from './listeners.js';
 import { type Logger, errorText } from './log.js';
 import { type PostfixServer, createPostfixServer } from './postfix-server.js';
 import { PolicyService } from './service.js';
+import { type WebServer, createWebServer } from '../web/server.js';
 
 export interface Daemon {
   service: PolicyService;
   /** Second factors and grants for the webmail API (tests and the API share it). */
   mfa: MfaService;
   /** Where each endpoint listens (TCP port 0 resolved to the real port). */
-  endpoints: { dovecot: Endpoint[]; postfix: Endpoint[]; api: Endpoint[] };
+  endpoints: { dovecot: Endpoint[]; postfix: Endpoint[]; api: Endpoint[]; web: Endpoint[] };
   reload(): void;
   stop(): Promise<void>;
 }
@@ -38,6 +39,7 @@ export class StartError extends Error {
 const REPORT_FLUSH_MS = 1000;
 const STATS_FLUSH_MS = 5000;
 const PURGE_EVERY_MS = 10 * 60_000;
+const WEB_SWEEP_MS = 60_000;
 /** API bodies are a few fields; nothing legitimate comes near this. */
 const API_MAX_BODY_BYTES = 16 * 1024;
 /** Failed factor attempts are kept at least this long (the lockout window may be longer). */
@@ -64,7 +66,8 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
   const store = Store.open(config.store.path, { create: true, migrate: true });
   const service = new PolicyService(config, store, logger, clock);
   const bound: { server: net.Server; endpoint: Endpoint }[] = [];
-  const endpoints: Daemon['endpoints'] = { dovecot: [], postfix: [], api: [] };
+  const endpoints: Daemon['endpoints'] = { dovecot: [], postfix: [], api: [], web: [] };
+  const webs: WebServer[] = [];
   let mailer: Mailer | undefined;
   let mfa: MfaService;
   let apiToken: string | undefined;
@@ -110,6 +113,15 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
       bound.push({ server, endpoint: real });
       endpoints.api.push(real);
     }
+    for (const e of config.web.listen) {
+      // The MFA page: plain HTTP for the site's reverse proxy (or a UNIX socket it reaches).
+      const web = createWebServer({ mfa, config: () => service.config, logger, clock });
+      await listenOn(web.server, e, e.kind === 'unix' ? 0o660 : undefined);
+      const real = boundEndpoint(web.server, e);
+      bound.push({ server: web.server, endpoint: real });
+      endpoints.web.push(real);
+      webs.push(web);
+    }
   } catch (e) {
     await Promise.all(bound.map((b) => closeServer(b.server, b.endpoint)));
     mailer?.close();
@@ -145,6 +157,7 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
     store.mfa.purgeFailures(now - Math.max(service.config.lockout.windowMs, FAILURES_KEPT_MS));
   };
   every(PURGE_EVERY_MS, purge);
+  if (webs.length > 0) every(WEB_SWEEP_MS, () => webs.forEach((w) => w.sweep()));
   purge();
 
   logger.log('info', 'started', {
@@ -154,6 +167,7 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
     dovecot: endpoints.dovecot.map(formatEndpoint),
     postfix: endpoints.postfix.map(formatEndpoint),
     api: endpoints.api.map(formatEndpoint),
+    web: endpoints.web.map(formatEndpoint),
     mode: config.enforcement.mode,
   });
 
@@ -189,6 +203,7 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
       if (!same(next.api.listen, current.api.listen)) needsRestart.push('api.listen');
       if (next.api.socketMode !== current.api.socketMode) needsRestart.push('api.socket_mode');
       if (next.secrets.keyFile !== current.secrets.keyFile) needsRestart.push('secrets.key_file');
+      if (!same(next.web.listen, current.web.listen)) needsRestart.push('web.listen');
       // The token is read again on every reload (rotation); a bad file keeps the running token.
       if (endpoints.api.some((e) => e.kind === 'tcp')) {
         try {
