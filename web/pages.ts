@@ -215,6 +215,16 @@ export function settingsPage(v: View, m: SettingsModel): string {
         : html`<p>${t.enableNeedsFactor}</p>`
   }<p class="hint">${t.recommendBoth}</p></section>`);
 
+  // MFA status (多要素認証状況): near the top, where users look for the expiry; a revoke button per row.
+  sections.push(html`<section class="card" aria-labelledby="h-status"><h2 id="h-status">${t.statusSection}</h2>${
+    m.grants.length === 0
+      ? html`<p id="no-grants">${t.noGrants}</p>`
+      : html`<table class="grants"><thead><tr><th scope="col">${t.colIp}</th><th scope="col">${t.colAt}</th><th scope="col">${t.colExpires}</th><th scope="col">${t.colMethod}</th><th scope="col">${t.colAction}</th></tr></thead><tbody>${m.grants.map(
+          (g) => html`<tr data-grant="${g.id}"><td data-label="${t.colIp}">${g.block}${g.block === m.ipBlock ? html` <span class="hint">${t.thisNetwork}</span>` : null}</td><td data-label="${t.colAt}">${when(Date.parse(g.created_at))}</td><td data-label="${t.colExpires}">${when(Date.parse(g.expires_at))}</td><td data-label="${t.colMethod}">${t.methodNames[g.method] ?? t.methodOther}</td><td data-label="${t.colAction}">${form(v, `revoke-${g.id}`, '/grants/revoke', [html`<input type="hidden" name="id" value="${g.id}">`, html`<button type="submit" class="danger" aria-label="${t.revokeLabel(g.block)}">${t.revokeButton}</button>`], 'inline')}</td></tr>`,
+        )}</tbody></table>`
+  }</section>`);
+
+
   // Sending an OTP to the external address, for the proofs below.
   if (m.email) {
     sections.push(html`<section class="card"><p class="hint">${t.proofSendHint}</p>${form(v, 'send-code', '/email-code', [html`<input type="hidden" name="return" value="settings">`, button(t.emailSendButton(m.email), 'secondary')])}${
@@ -232,34 +242,28 @@ export function settingsPage(v: View, m: SettingsModel): string {
   }${m.totp ? html`<details${v.errors['app-remove.code'] ? html` open` : null}><summary>${t.appRemoveButton}</summary>${form(v, 'app-remove', '/totp/remove', [proofFields(v, 'app-remove', m), button(t.appRemoveButton, 'danger')])}</details>` : null}</section>`);
 
   // External e-mail
+  const emailForm = form(v, 'email-register', '/email/register', [
+    field(v, { form: 'email-register', name: 'address', label: t.emailAddressLabel, type: 'email', autocomplete: 'email', hint: t.emailAddressHint }),
+    proofFields(v, 'email-register', m),
+    button(m.email ? t.emailChangeButton : t.emailRegisterButton, m.email ? 'secondary' : ''),
+  ]);
   sections.push(html`<section class="card" aria-labelledby="h-mail"><h2 id="h-mail">${t.emailTitle}</h2><p class="status" id="email-state">${m.email ? t.emailRegisteredAs(m.email) : t.notRegistered}</p>${
     m.emailPending ? html`<p><a href="${v.base}/settings/email">${t.emailPendingAs(m.emailPending)}</a></p>` : null
   }${
     m.registrationBlocked && !hasFactor
       ? html`<p class="notice error">${t.errTrustedOnly}</p>`
-      : form(v, 'email-register', '/email/register', [
-          field(v, { form: 'email-register', name: 'address', label: t.emailAddressLabel, type: 'email', autocomplete: 'email', hint: t.emailAddressHint }),
-          proofFields(v, 'email-register', m),
-          button(m.email ? t.emailChangeButton : t.emailRegisterButton, m.email ? 'secondary' : ''),
-        ])
+      : m.email
+        ? html`<details${v.errors['email-register.address'] || v.errors['email-register.code'] ? html` open` : null}><summary>${t.emailChangeButton}</summary>${emailForm}</details>`
+        : emailForm
   }${m.email || m.emailPending ? html`<details${v.errors['email-remove.code'] ? html` open` : null}><summary>${t.emailRemoveButton}</summary>${form(v, 'email-remove', '/email/remove', [proofFields(v, 'email-remove', m), button(t.emailRemoveButton, 'danger')])}</details>` : null}</section>`);
 
   // Backup codes
   if (hasFactor) {
-    sections.push(html`<section class="card" aria-labelledby="h-backup"><h2 id="h-backup">${t.backupSection}</h2><p class="status" id="backup-state">${m.backupLeft > 0 ? t.backupLeft(m.backupLeft) : t.backupNone}</p>${form(v, 'backup', '/backup', [
-      proofFields(v, 'backup', m),
-      button(m.backupLeft > 0 ? t.backupRegenerate : t.backupGenerate, 'secondary'),
-    ])}</section>`);
+    const backupForm = form(v, 'backup', '/backup', [proofFields(v, 'backup', m), button(m.backupLeft > 0 ? t.backupRegenerate : t.backupGenerate, 'secondary')]);
+    sections.push(html`<section class="card" aria-labelledby="h-backup"><h2 id="h-backup">${t.backupSection}</h2><p class="status" id="backup-state">${m.backupLeft > 0 ? t.backupLeft(m.backupLeft) : t.backupNone}</p>${
+      m.backupLeft > 0 ? html`<details${v.errors['backup.code'] ? html` open` : null}><summary>${t.backupRegenerate}</summary>${backupForm}</details>` : backupForm
+    }</section>`);
   }
-
-  // MFA status: one row per active grant, with a revoke button.
-  sections.push(html`<section class="card" aria-labelledby="h-status"><h2 id="h-status">${t.statusSection}</h2>${
-    m.grants.length === 0
-      ? html`<p id="no-grants">${t.noGrants}</p>`
-      : html`<table class="grants"><thead><tr><th scope="col">${t.colIp}</th><th scope="col">${t.colAt}</th><th scope="col">${t.colExpires}</th><th scope="col">${t.colMethod}</th><th scope="col">${t.colAction}</th></tr></thead><tbody>${m.grants.map(
-          (g) => html`<tr data-grant="${g.id}"><td data-label="${t.colIp}">${g.block}${g.block === m.ipBlock ? html` <span class="hint">${t.thisNetwork}</span>` : null}</td><td data-label="${t.colAt}">${when(Date.parse(g.created_at))}</td><td data-label="${t.colExpires}">${when(Date.parse(g.expires_at))}</td><td data-label="${t.colMethod}">${t.methodNames[g.method] ?? t.methodOther}</td><td data-label="${t.colAction}">${form(v, `revoke-${g.id}`, '/grants/revoke', [html`<input type="hidden" name="id" value="${g.id}">`, html`<button type="submit" class="danger" aria-label="${t.revokeLabel(g.block)}">${t.revokeButton}</button>`], 'inline')}</td></tr>`,
-        )}</tbody></table>`
-  }</section>`);
 
   return layout(v, t.settingsTitle, html`${sections}`);
 }
