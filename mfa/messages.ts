@@ -16,7 +16,7 @@ export function loginCodeMail(o: { user: string; code: string; expiresAt: number
     text: `${o.user} 様
 
 メールの多要素認証のワンタイムパスワード (OTP) を発行しました。
-Web メールの画面に次の OTP を入力してください。
+多要素認証の画面 (Web メールからリンク) に次の OTP を入力してください。
 
   OTP: ${o.code}
 
@@ -31,7 +31,7 @@ Web メールの画面に次の OTP を入力してください。
 Dear ${o.user},
 
 Here is your one-time password (OTP) for multi-factor authentication of your mail account.
-Enter it in webmail:
+Enter it on the multi-factor authentication page (linked from webmail):
 
   OTP: ${o.code}
 
