@@ -128,3 +128,29 @@ export async function screenshot(page: Page, name: string): Promise<string> {
   await page.screenshot({ path: file, fullPage: true });
   return file;
 }
+
+// ---- accessibility -------------------------------------------------------------------------------------------
+
+let axeSource: string | undefined;
+
+export interface AxeViolation {
+  id: string;
+  impact: string | null;
+  help: string;
+  /** CSS selectors of the offending elements. */
+  targets: string[];
+}
+
+/**
+ * Runs axe-core's WCAG 2.x A and AA rules on the page as it is now and returns the violations (empty: none).
+ * The script goes in through the DevTools protocol (page.evaluate), which the page's own strict CSP does not
+ * govern, so the page under test keeps its real headers.
+ */
+export async function accessibilityViolations(page: Page): Promise<AxeViolation[]> {
+  axeSource ??= fs.readFileSync(path.join(ROOT, 'node_modules/axe-core/axe.min.js'), 'utf8');
+  await page.evaluate(axeSource);
+  const result = (await page.evaluate(`axe.run(document, { runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] } })`)) as {
+    violations: { id: string; impact: string | null; help: string; nodes: { target: string[] }[] }[];
+  };
+  return result.violations.map((v) => ({ id: v.id, impact: v.impact, help: v.help, targets: v.nodes.flatMap((n) => n.target) }));
+}

@@ -15,9 +15,9 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Page } from 'playwright-core';
-import t from 'tap';
+import t, { type Test } from 'tap';
 import { Authenticator, decodeMail } from '../helpers/api.js';
-import { type BrowserSession, PHONE, launchChromium, newPage, screenshot } from '../helpers/browser.js';
+import { type BrowserSession, PHONE, accessibilityViolations, launchChromium, newPage, screenshot } from '../helpers/browser.js';
 import { imapLogin } from '../helpers/clients.js';
 import { type DaemonProcess, spawnDaemon, tempDir } from '../helpers/daemon.js';
 import { type MailStack, freePort, startMailStack } from '../helpers/mailstack.js';
@@ -94,6 +94,12 @@ function at(ip: string, lang: 'ja' | 'en', o: { phone?: boolean } = {}): Promise
 
 const text = async (page: Page, selector: string) => ((await page.textContent(selector)) ?? '').replace(/\s+/g, ' ').trim();
 
+/** Saves the page as a screenshot and checks it against WCAG 2.1 A/AA with axe-core. */
+async function capture(t: Test, page: Page, name: string): Promise<void> {
+  await screenshot(page, name);
+  t.same(await accessibilityViolations(page), [], `${name}: no WCAG 2.1 A/AA violations found by axe-core`);
+}
+
 async function submit(page: Page, formSelector: string): Promise<void> {
   await Promise.all([page.waitForLoadState('load'), page.click(`${formSelector} button[type=submit]`)]);
 }
@@ -127,14 +133,14 @@ t.test('campus: sign in (wrong, then right password), register the app, enable M
   t.equal(await text(page, 'h1'), 'サインイン');
   t.equal(await page.getAttribute('#signin-user', 'autocomplete'), 'username');
   t.equal(await page.textContent('label[for=signin-password]'), 'パスワード', 'the password field has its label');
-  await screenshot(page, '01-signin-ja-phone');
+  await capture(t, page, '01-signin-ja-phone');
 
   await signIn(page, 'not-the-password');
   t.match(await text(page, '#signin-password-error'), 'ID またはパスワードが正しくありません', 'a wrong password is refused by Dovecot, next to the field');
   t.equal(await page.getAttribute('#signin-password', 'aria-invalid'), 'true');
   t.equal(await page.inputValue('#signin-user'), 'alice', 'the ID is kept');
   t.equal(await page.inputValue('#signin-password'), '', 'the password is not sent back');
-  await screenshot(page, '02-signin-wrong-password-ja-phone');
+  await capture(t, page, '02-signin-wrong-password-ja-phone');
 
   await signIn(page);
   t.match(await text(page, '#network-status'), `このネットワーク (${CAMPUS}) は学内ネットワークまたは VPN です`, 'campus: MFA is not needed here');
@@ -143,7 +149,7 @@ t.test('campus: sign in (wrong, then right password), register the app, enable M
   t.ok(session?.httpOnly, 'the session cookie is HttpOnly');
   t.equal(session?.sameSite, 'Strict');
   t.equal(session?.path, '/mfa');
-  await screenshot(page, '03-home-campus-ja-phone');
+  await capture(t, page, '03-home-campus-ja-phone');
 
   await page.click('text=個人環境の設定');
   t.equal(await text(page, 'h1'), '個人環境の設定');
@@ -156,7 +162,7 @@ t.test('campus: sign in (wrong, then right password), register the app, enable M
   t.match(key, /^[A-Z2-7]{16,}$/, 'the manual key is shown');
   t.equal(await page.getAttribute('#app-confirm-code', 'autocomplete'), 'one-time-code');
   t.equal(await page.getAttribute('#app-confirm-code', 'inputmode'), 'numeric');
-  await screenshot(page, '04-register-app-ja-phone');
+  await capture(t, page, '04-register-app-ja-phone');
 
   phone = new Authenticator(key);
   await page.fill('#app-confirm-code', await phone.next());
@@ -165,7 +171,7 @@ t.test('campus: sign in (wrong, then right password), register the app, enable M
   t.equal(await text(page, '#app-state'), '登録済み');
   await submit(page, '#enable');
   t.match(await text(page, '#mfa-state'), '多要素認証は有効です');
-  await screenshot(page, '05-settings-enabled-ja-phone');
+  await capture(t, page, '05-settings-enabled-ja-phone');
 
   await submit(page, '#signout');
   t.equal(await text(page, 'h1'), 'サインイン', 'signed out: back at the sign-in page');
@@ -182,18 +188,18 @@ t.test('home A: IMAP is refused, MFA passed in the browser, then IMAP from A get
   t.match(await text(page, '#network-status'), `To use mail programs on this network (${A}), pass multi-factor authentication`);
   t.equal(await page.getAttribute('#verify-totp-code', 'autocomplete'), 'one-time-code');
   t.equal(await page.getAttribute('#verify-totp-code', 'inputmode'), 'numeric');
-  await screenshot(page, '06-home-needs-mfa-en-phone');
+  await capture(t, page, '06-home-needs-mfa-en-phone');
 
   await page.fill('#verify-totp-code', '000000');
   await submit(page, '#verify-totp');
   t.match(await text(page, '#verify-totp-code-error'), 'The OTP is not right', 'a wrong code: the error is next to the field');
-  await screenshot(page, '07-home-wrong-code-en-phone');
+  await capture(t, page, '07-home-wrong-code-en-phone');
 
   await page.fill('#verify-totp-code', await phone.next());
   await submit(page, '#verify-totp');
   t.match(await text(page, '.notice.ok'), 'Multi-factor authentication passed');
   t.match(await text(page, '#network-status'), new RegExp(`Mail programs on this network \\(${A.replace(/\./g, '\\.')}\\) can be used until \\d{4}-\\d\\d-\\d\\d \\d\\d:\\d\\d \\(JST\\)`));
-  await screenshot(page, '08-home-passed-en-phone');
+  await capture(t, page, '08-home-passed-en-phone');
 
   t.ok((await imap(A)).ok, 'after MFA in the browser: IMAP from A gets in');
   t.notOk((await imap(B)).ok, 'IMAP from B (no MFA there) is still refused');
@@ -211,7 +217,7 @@ t.test('home A: register the external address with the delivered code, then back
   await submit(page, '#email-register');
   t.equal(new URL(page.url()).pathname, '/mfa/settings/email');
   const mail = await mailTo(/外部メールアドレスの確認/, before);
-  await screenshot(page, '09-confirm-address-en');
+  await capture(t, page, '09-confirm-address-en');
   await page.fill('#email-confirm-code', codeInMail(mail.text));
   await submit(page, '#email-confirm');
   t.match(await text(page, '.notice.ok'), 'The external e-mail address is registered');
@@ -225,11 +231,11 @@ t.test('home A: register the external address with the delivered code, then back
   const codes = (await page.locator('#backup-codes li').allTextContents()).map((s) => s.trim());
   t.equal(codes.length, 10, 'ten backup codes');
   t.match(codes[0] ?? '', /^[a-z2-9]{5}-[a-z2-9]{5}$/);
-  await screenshot(page, '10-backup-codes-en');
+  await capture(t, page, '10-backup-codes-en');
   await page.goto(`${base}/settings/backup`);
   t.equal(new URL(page.url()).pathname, '/mfa/settings', 'the codes are shown once');
   t.match(await text(page, '#backup-state'), 'Unused codes: 10');
-  await screenshot(page, '11-settings-en');
+  await capture(t, page, '11-settings-en');
 
   // The last resort: a backup code passes MFA from yet another address.
   const other = await at(C, 'en');
@@ -253,7 +259,7 @@ t.test('home B: an OTP by mail, IMAP from B gets in; revoking A in the status ta
   await page.fill('#verify-email-code', codeInMail(mail.text));
   await submit(page, '#verify-email');
   t.match(await text(page, '#network-status'), new RegExp(`このネットワーク \\(${B.replace(/\./g, '\\.')}\\) からのメールソフトの利用は \\d{4}-\\d\\d-\\d\\d \\d\\d:\\d\\d \\(JST\\) まで有効です`));
-  await screenshot(page, '12-home-passed-by-mail-ja-phone');
+  await capture(t, page, '12-home-passed-by-mail-ja-phone');
   t.ok((await imap(B)).ok, 'IMAP from B now gets in');
   t.ok((await imap(A)).ok, 'A still gets in');
 
@@ -261,7 +267,7 @@ t.test('home B: an OTP by mail, IMAP from B gets in; revoking A in the status ta
   const rowA = page.locator(`tr:has(td:text-is("${A}"))`);
   t.equal(await rowA.count(), 1, 'A has a row in the status table');
   t.match(await text(page, `tr:has(td:has-text("${B}"))`), 'このネットワーク', 'the row of this network is marked');
-  await screenshot(page, '13-status-table-ja-phone');
+  await capture(t, page, '13-status-table-ja-phone');
   await Promise.all([page.waitForLoadState('load'), rowA.locator('button').click()]);
   t.match(await text(page, '.notice.ok'), `${A} の認証を取り消しました`);
   t.equal(await page.locator(`tr:has(td:text-is("${A}"))`).count(), 0, 'the row is gone');
@@ -273,7 +279,7 @@ t.test('home B: an OTP by mail, IMAP from B gets in; revoking A in the status ta
   t.equal(await text(page, 'h1'), 'Settings');
   await page.goto(`${base}/`);
   t.equal(await page.getAttribute('html', 'lang'), 'en', 'the choice persists over the browser\'s Accept-Language (ja)');
-  await screenshot(page, '14-home-en-after-switch-phone');
+  await capture(t, page, '14-home-en-after-switch-phone');
   await page.click('a[hreflang=ja]');
   t.equal(await page.getAttribute('html', 'lang'), 'ja', 'and back to Japanese');
 });
