@@ -30,7 +30,14 @@ duration = "15m"
 `,
 );
 const run = (...args: string[]) => cli(['--config', configFile, ...args]);
-const j = <T>(r: { stdout: string }): T => JSON.parse(r.stdout) as T;
+/** The command's JSON output; when it is not JSON, an error that shows how the command ended (to explain a flake). */
+const j = <T>(r: { code: number; stdout: string; stderr: string }): T => {
+  try {
+    return JSON.parse(r.stdout) as T;
+  } catch {
+    throw new Error(`expected JSON on stdout; exit ${r.code} (-1: killed or timed out)\nstdout: ${r.stdout}\nstderr: ${r.stderr}`);
+  }
+};
 const IP = '203.0.113.7';
 
 // The store exists once the first command ran; the service is opened lazily, after that.
