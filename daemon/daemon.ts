@@ -177,6 +177,8 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
     });
   }
 
+  if (endpoints.web.length > 0) warnAboutWeb(config, endpoints.web, logger);
+
   let stopping: Promise<void> | undefined;
   return {
     service,
@@ -257,5 +259,31 @@ function warnAboutToken(file: string, token: string, logger: Logger): void {
     if ((fs.statSync(file).mode & 0o004) !== 0) logger.log('warn', 'api-token-readable', { file, note: 'the API token file is readable by every local user: chmod o-r' });
   } catch {
     /* it was just read; a race with a rename is not worth a warning */
+  }
+}
+
+/** Mistakes in [web] that still let the page start but would hurt users or security: said once, at start. */
+function warnAboutWeb(config: Config, web: Endpoint[], logger: Logger): void {
+  const exposed = web.filter((e) => e.kind === 'tcp' && !/^(127\.|::1$|localhost$)/.test(e.host));
+  if (exposed.length > 0) {
+    logger.log('warn', 'web-not-loopback', {
+      listen: exposed.map(formatEndpoint),
+      note: 'the MFA page speaks plain HTTP: keep it on loopback (or a UNIX socket) behind the HTTPS reverse proxy',
+    });
+  }
+  if (!config.web.secureCookie) {
+    logger.log('warn', 'web-cookie-not-secure', { note: 'web.secure_cookie = false: the session cookie may travel over plain HTTP; for tests only' });
+  }
+  let socket = false;
+  try {
+    socket = fs.statSync(config.web.dovecotAuthSocket).isSocket();
+  } catch {
+    socket = false;
+  }
+  if (!socket) {
+    logger.log('warn', 'web-auth-socket-missing', {
+      socket: config.web.dovecotAuthSocket,
+      note: 'web.dovecot_auth_socket is not a socket (yet): sign-in fails until Dovecot listens there (see docs/deployment.md, the MFA web page)',
+    });
   }
 }

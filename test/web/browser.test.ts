@@ -11,6 +11,7 @@
 //                 register the external address with the code from the delivered mail; backup codes.
 //   home B (ja):  sign in, send an OTP by mail, enter the delivered code; IMAP from B gets in; revoke A's row in
 //                 the status table, after which IMAP from A is refused; switch the language, which persists.
+//   elsewhere:    disable MFA with a backup code (a used one is refused), and IMAP works from anywhere again.
 // Every page is saved as a screenshot under test-artifacts/screenshots/.
 import fs from 'node:fs';
 import path from 'node:path';
@@ -35,6 +36,8 @@ let stack: MailStack;
 let browser: BrowserSession;
 let base = '';
 let phone: Authenticator;
+/** The backup codes the page issued (codes[0] is used to pass MFA, codes[1] to disable it). */
+let codes: string[] = [];
 
 t.before(async () => {
   const [policyPort, webPort] = [await freePort(), await freePort()];
@@ -228,7 +231,7 @@ t.test('home A: register the external address with the delivered code, then back
   await page.fill('#backup-code', await phone.next());
   await submit(page, '#backup');
   t.equal(new URL(page.url()).pathname, '/mfa/settings/backup');
-  const codes = (await page.locator('#backup-codes li').allTextContents()).map((s) => s.trim());
+  codes = (await page.locator('#backup-codes li').allTextContents()).map((s) => s.trim());
   t.equal(codes.length, 10, 'ten backup codes');
   t.match(codes[0] ?? '', /^[a-z2-9]{5}-[a-z2-9]{5}$/);
   await capture(t, page, '10-backup-codes-en');
@@ -282,4 +285,24 @@ t.test('home B: an OTP by mail, IMAP from B gets in; revoking A in the status ta
   await capture(t, page, '14-home-en-after-switch-phone');
   await page.click('a[hreflang=ja]');
   t.equal(await page.getAttribute('html', 'lang'), 'ja', 'and back to Japanese');
+});
+
+t.test('disable MFA with a backup code: mail programs work from any address again', async (t) => {
+  const D = '127.0.0.12';
+  t.notOk((await imap(D)).ok, 'MFA enabled: IMAP from a new address is refused');
+  const page = await at(D, 'en');
+  await signIn(page);
+  await page.goto(`${base}/settings`);
+  await page.click('summary:has-text("Disable multi-factor authentication")');
+  await page.selectOption('#disable-method', 'backup');
+  await page.fill('#disable-code', codes[0] ?? '');
+  await submit(page, '#disable');
+  t.match(await text(page, '#disable-code-error'), 'The OTP is not right', 'a used backup code does not work twice');
+  await page.selectOption('#disable-method', 'backup');
+  await page.fill('#disable-code', codes[1] ?? '');
+  await submit(page, '#disable');
+  t.match(await text(page, '.notice.ok'), 'Multi-factor authentication is disabled');
+  t.match(await text(page, '#mfa-state'), 'Multi-factor authentication is disabled');
+  await capture(t, page, '15-settings-disabled-en');
+  t.ok((await imap(D)).ok, 'MFA disabled: IMAP from the new address gets in');
 });
