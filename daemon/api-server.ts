@@ -5,6 +5,7 @@
 import crypto from 'node:crypto';
 import http from 'node:http';
 import { MfaError, type MfaService } from '../mfa/service.js';
+import { readLimitedBody } from './http-body.js';
 import { type Logger, errorText } from './log.js';
 
 export type HttpMethod = 'GET' | 'POST' | 'PUT' | 'DELETE';
@@ -293,40 +294,6 @@ function checkQuery(route: ApiRoute, query: URLSearchParams): void {
   }
 }
 
-/** Reads the body up to the limit; rejects with 413 beyond it. */
-function readBody(req: http.IncomingMessage, max: number): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const declared = Number(req.headers['content-length'] ?? '0');
-    if (declared > max) {
-      reject(new HttpError(413, 'too-large', `the body is larger than ${max} bytes`));
-      return;
-    }
-    const chunks: Buffer[] = [];
-    let size = 0;
-    let done = false;
-    req.on('data', (c: Buffer) => {
-      if (done) return;
-      size += c.length;
-      if (size > max) {
-        done = true;
-        reject(new HttpError(413, 'too-large', `the body is larger than ${max} bytes`));
-        return;
-      }
-      chunks.push(c);
-    });
-    req.on('end', () => {
-      if (done) return;
-      done = true;
-      resolve(Buffer.concat(chunks).toString('utf8'));
-    });
-    req.on('error', (e) => {
-      if (done) return;
-      done = true;
-      reject(e);
-    });
-  });
-}
-
 const clip = (s: string, n = 128) => (s.length > n ? `${s.slice(0, n)}...` : s);
 
 export function createApiServer(mfa: MfaService, opts: ApiServerOptions): http.Server {
@@ -377,7 +344,8 @@ export function createApiServer(mfa: MfaService, opts: ApiServerOptions): http.S
       routeName = `${route.method} ${route.path}`;
       fields['user'] = clip(found.params['user'] ?? '');
       // 3. The request: user, query, body.
-      const text = await readBody(req, maxBodyBytes);
+      const text = await readLimitedBody(req, maxBodyBytes);
+      if (text === undefined) throw new HttpError(413, 'too-large', `the body is larger than ${maxBodyBytes} bytes`);
       const user = mfa.user(found.params['user']);
       fields['user'] = user;
       checkQuery(route, url.searchParams);

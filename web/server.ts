@@ -6,6 +6,7 @@
 import http from 'node:http';
 import { type Config, policySettings } from '../config/config.js';
 import type { Logger } from '../daemon/log.js';
+import { readLimitedBody } from '../daemon/http-body.js';
 import { errorText } from '../daemon/log.js';
 import { type MfaErrorCode, MfaError, type MfaService } from '../mfa/service.js';
 import { blockOf, parseAddress, RangeList } from '../policy/address.js';
@@ -66,7 +67,8 @@ interface Ctx {
   form: URLSearchParams;
 }
 
-type Handler = (c: Ctx & { session: Session; user: string }) => Promise<void> | void;
+type Routed = Ctx & { session: Session; user: string };
+type Handler = (c: Routed) => Promise<void> | void;
 
 export function createWebServer(d: WebDeps): WebServer {
   const clock = d.clock ?? Date.now;
@@ -210,7 +212,7 @@ export function createWebServer(d: WebDeps): WebServer {
   }
 
   /** Runs a settings change; an MfaError is shown next to the field it concerns (or at the top). */
-  async function settingsAction(c: Ctx & { session: Session; user: string }, formId: string, action: () => Promise<void> | void, fieldFor: (e: MfaError) => string | undefined = () => 'code'): Promise<void> {
+  async function settingsAction(c: Routed, formId: string, action: () => Promise<void> | void, fieldFor: (e: MfaError) => string | undefined = () => undefined): Promise<void> {
     const values: Record<string, string> = {};
     for (const k of ['method', 'address']) if (c.form.has(k)) values[`${formId}.${k}`] = value(c, k);
     try {
@@ -232,6 +234,14 @@ export function createWebServer(d: WebDeps): WebServer {
       return true;
     }
     return false;
+  }
+
+  /** A route for a change that needs the proof fields: the code must be there, then the change runs. */
+  function proofChange(formId: string, act: (c: Routed, p: ReturnType<typeof proof>) => void): Handler {
+    return (c) => {
+      if (needsCode(c, formId, (errors) => renderSettings(c, 400, errors))) return;
+      return settingsAction(c, formId, () => act(c, proof(c)));
+    };
   }
 
   function firstRegistrationRefused(c: Ctx & { user: string }): boolean {
@@ -309,14 +319,11 @@ export function createWebServer(d: WebDeps): WebServer {
         notify(c, 'ok', c.t.enabledDone);
         redirect(c, '/settings');
       }),
-    '/mfa/disable': (c) => {
-      if (needsCode(c, 'disable', (errors) => renderSettings(c, 400, errors))) return;
-      return settingsAction(c, 'disable', () => {
-        d.mfa.disable(c.user, c.ip, proof(c));
-        notify(c, 'ok', c.t.disabledDone);
-        redirect(c, '/settings');
-      });
-    },
+    '/mfa/disable': proofChange('disable', (c, p) => {
+      d.mfa.disable(c.user, c.ip, p);
+      notify(c, 'ok', c.t.disabledDone);
+      redirect(c, '/settings');
+    }),
     '/totp/begin': (c) => {
       if (firstRegistrationRefused(c) || needsCode(c, 'app-begin', (errors) => renderSettings(c, 400, errors))) return;
       return settingsAction(c, 'app-begin', async () => {
@@ -350,14 +357,11 @@ export function createWebServer(d: WebDeps): WebServer {
       delete c.session.enrolment;
       redirect(c, '/settings');
     },
-    '/totp/remove': (c) => {
-      if (needsCode(c, 'app-remove', (errors) => renderSettings(c, 400, errors))) return;
-      return settingsAction(c, 'app-remove', () => {
-        d.mfa.totpRemove(c.user, c.ip, proof(c));
-        notify(c, 'ok', c.t.appRemoved);
-        redirect(c, '/settings');
-      }, () => undefined);
-    },
+    '/totp/remove': proofChange('app-remove', (c, p) => {
+      d.mfa.totpRemove(c.user, c.ip, p);
+      notify(c, 'ok', c.t.appRemoved);
+      redirect(c, '/settings');
+    }),
     '/email/register': (c) => {
       const address = value(c, 'address');
       const values = { 'email-register.address': address, 'email-register.method': value(c, 'method') };
@@ -388,22 +392,15 @@ export function createWebServer(d: WebDeps): WebServer {
       }
       redirect(c, '/settings');
     },
-    '/email/remove': (c) => {
-      if (needsCode(c, 'email-remove', (errors) => renderSettings(c, 400, errors))) return;
-      return settingsAction(c, 'email-remove', () => {
-        d.mfa.emailRemove(c.user, c.ip, proof(c));
-        notify(c, 'ok', c.t.emailRemoved);
-        redirect(c, '/settings');
-      }, () => undefined);
-    },
-    '/backup': (c) => {
-      if (needsCode(c, 'backup', (errors) => renderSettings(c, 400, errors))) return;
-      return settingsAction(c, 'backup', () => {
-        const r = d.mfa.backupGenerate(c.user, c.ip, proof(c));
-        c.session.backupCodes = r.codes;
-        redirect(c, '/settings/backup');
-      }, () => undefined);
-    },
+    '/email/remove': proofChange('email-remove', (c, p) => {
+      d.mfa.emailRemove(c.user, c.ip, p);
+      notify(c, 'ok', c.t.emailRemoved);
+      redirect(c, '/settings');
+    }),
+    '/backup': proofChange('backup', (c, p) => {
+      c.session.backupCodes = d.mfa.backupGenerate(c.user, c.ip, p).codes;
+      redirect(c, '/settings/backup');
+    }),
     '/grants/revoke': (c) => {
       const raw = value(c, 'id');
       if (!/^[1-9]\d{0,15}$/.test(raw)) {
@@ -535,7 +532,7 @@ export function createWebServer(d: WebDeps): WebServer {
     if (c.path !== '/signin' && !route) return plain(404, c.t.errNotFound);
     const type = (req.headers['content-type'] ?? '').split(';')[0]?.trim().toLowerCase();
     if (type !== 'application/x-www-form-urlencoded') return plain(415, c.t.pageExpired);
-    const body = await readBody(req, MAX_FORM_BYTES);
+    const body = await readLimitedBody(req, MAX_FORM_BYTES);
     if (body === undefined) {
       // The rest of the body is not read: close the connection after the answer.
       res.setHeader('Connection', 'close');
@@ -558,7 +555,7 @@ export function createWebServer(d: WebDeps): WebServer {
       return redirect(c, '/');
     }
     // Handlers may replace the session (sign-out): they get this context itself, so send() sees the change.
-    const ctx = c as Ctx & { session: Session; user: string };
+    const ctx = c as Routed;
     ctx.user = c.session.user;
     return route(ctx);
   }
@@ -594,28 +591,4 @@ function parseCookies(header: string | undefined): Map<string, string> {
     if (!out.has(name)) out.set(name, part.slice(eq + 1).trim());
   }
   return out;
-}
-
-/** The body as text, or undefined when it is larger than `max` bytes (the rest is not read). */
-function readBody(req: http.IncomingMessage, max: number): Promise<string | undefined> {
-  return new Promise((resolve, reject) => {
-    const chunks: Buffer[] = [];
-    let size = 0;
-    let done = false;
-    req.on('data', (chunk: Buffer) => {
-      if (done) return;
-      size += chunk.length;
-      if (size > max) {
-        done = true;
-        resolve(undefined);
-        req.pause();
-        return;
-      }
-      chunks.push(chunk);
-    });
-    req.on('end', () => {
-      if (!done) resolve(Buffer.concat(chunks).toString('utf8'));
-    });
-    req.on('error', reject);
-  });
 }
