@@ -5,7 +5,7 @@ import { jst } from '../mfa/messages.js';
 import { type Html, html, trusted } from './html.js';
 import { type Lang, LANGS, type Text } from './i18n.js';
 import type { Notice } from './session.js';
-import type { GrantView } from '../mfa/service.js';
+import type { GrantView, Method } from '../mfa/service.js';
 
 export interface View {
   lang: Lang;
@@ -21,8 +21,6 @@ export interface View {
   /** Values to put back into fields after an error, keyed like errors. */
   values: Record<string, string>;
 }
-
-export type Method = 'totp' | 'email' | 'backup';
 
 // ---- building blocks -----------------------------------------------------------------------------------
 
@@ -65,10 +63,6 @@ function notices(list: Notice[]): Html {
   return html`${list.map((n) => html`<p class="notice ${n.kind}" role="${n.kind === 'error' ? 'alert' : 'status'}">${n.text}</p>`)}`;
 }
 
-export function when(ms: number): string {
-  return jst(ms);
-}
-
 // ---- the frame -------------------------------------------------------------------------------------------
 
 export function layout(v: View, title: string, body: Html): string {
@@ -103,7 +97,6 @@ export interface HomeModel {
   ip: string;
   state: 'trusted' | 'grant' | 'not-enabled' | 'exempt' | 'not-enforced' | 'need';
   grantUntil?: number;
-  justPassed?: boolean;
   mfaEnabled: boolean;
   totp: boolean;
   email: string | null;
@@ -121,7 +114,7 @@ export function homePage(v: View, m: HomeModel): string {
       parts.push(html`<section class="card"><p class="status" id="network-status">${t.trustedNetwork(m.ip)}</p>${m.mfaEnabled ? null : html`<p>${t.inviteRegister}</p>`}${toSettings}</section>`);
       break;
     case 'grant':
-      parts.push(html`<section class="card"><p class="status" id="network-status">${m.justPassed ? html`${t.passed} ` : null}${t.grantActive(m.ip, when(m.grantUntil ?? 0))}</p>${toSettings}</section>`);
+      parts.push(html`<section class="card"><p class="status" id="network-status">${t.grantActive(m.ip, jst(m.grantUntil ?? 0))}</p>${toSettings}</section>`);
       break;
     case 'not-enabled':
     case 'exempt':
@@ -150,7 +143,7 @@ function verifyForms(v: View, m: HomeModel): Html {
     out.push(html`<section class="card" aria-labelledby="h-email"><h2 id="h-email">${t.emailTitle}</h2>${form(v, 'send-code', '/email-code', [
       html`<input type="hidden" name="return" value="home">`,
       button(t.emailSendButton(m.email), m.emailSent ? 'secondary' : ''),
-    ])}${m.emailSent ? html`<p class="hint">${t.emailSent(m.emailSent.to, when(m.emailSent.expiresAt))}</p>` : null}${form(v, 'verify-email', '/verify', [
+    ])}${m.emailSent ? html`<p class="hint">${t.emailSent(m.emailSent.to, jst(m.emailSent.expiresAt))}</p>` : null}${form(v, 'verify-email', '/verify', [
       html`<input type="hidden" name="method" value="email">`,
       field(v, { form: 'verify-email', name: 'code', label: t.emailCodeLabel, code: 'numeric' }),
       button(t.verifyButton),
@@ -170,7 +163,6 @@ function verifyForms(v: View, m: HomeModel): Html {
 // ---- settings --------------------------------------------------------------------------------------------
 
 export interface SettingsModel {
-  ip: string;
   ipBlock: string;
   mfaEnabled: boolean;
   siteRequired: boolean;
@@ -220,7 +212,7 @@ export function settingsPage(v: View, m: SettingsModel): string {
     m.grants.length === 0
       ? html`<p id="no-grants">${t.noGrants}</p>`
       : html`<table class="grants"><thead><tr><th scope="col">${t.colIp}</th><th scope="col">${t.colAt}</th><th scope="col">${t.colExpires}</th><th scope="col">${t.colMethod}</th><th scope="col">${t.colAction}</th></tr></thead><tbody>${m.grants.map(
-          (g) => html`<tr data-grant="${g.id}"><td data-label="${t.colIp}">${g.block}${g.block === m.ipBlock ? html` <span class="hint">${t.thisNetwork}</span>` : null}</td><td data-label="${t.colAt}">${when(Date.parse(g.created_at))}</td><td data-label="${t.colExpires}">${when(Date.parse(g.expires_at))}</td><td data-label="${t.colMethod}">${t.methodNames[g.method] ?? t.methodOther}</td><td data-label="${t.colAction}">${form(v, `revoke-${g.id}`, '/grants/revoke', [html`<input type="hidden" name="id" value="${g.id}">`, html`<button type="submit" class="danger" aria-label="${t.revokeLabel(g.block)}">${t.revokeButton}</button>`], 'inline')}</td></tr>`,
+          (g) => html`<tr data-grant="${g.id}"><td data-label="${t.colIp}">${g.block}${g.block === m.ipBlock ? html` <span class="hint">${t.thisNetwork}</span>` : null}</td><td data-label="${t.colAt}">${jst(Date.parse(g.created_at))}</td><td data-label="${t.colExpires}">${jst(Date.parse(g.expires_at))}</td><td data-label="${t.colMethod}">${t.methodNames[g.method] ?? t.methodOther}</td><td data-label="${t.colAction}">${form(v, `revoke-${g.id}`, '/grants/revoke', [html`<input type="hidden" name="id" value="${g.id}">`, html`<button type="submit" class="danger" aria-label="${t.revokeLabel(g.block)}">${t.revokeButton}</button>`], 'inline')}</td></tr>`,
         )}</tbody></table>`
   }</section>`);
 
@@ -228,7 +220,7 @@ export function settingsPage(v: View, m: SettingsModel): string {
   // Sending an OTP to the external address, for the proofs below.
   if (m.email) {
     sections.push(html`<section class="card"><p class="hint">${t.proofSendHint}</p>${form(v, 'send-code', '/email-code', [html`<input type="hidden" name="return" value="settings">`, button(t.emailSendButton(m.email), 'secondary')])}${
-      m.emailSent ? html`<p class="hint" role="status">${t.emailSent(m.emailSent.to, when(m.emailSent.expiresAt))}</p>` : null
+      m.emailSent ? html`<p class="hint" role="status">${t.emailSent(m.emailSent.to, jst(m.emailSent.expiresAt))}</p>` : null
     }</section>`);
   }
 

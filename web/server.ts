@@ -150,11 +150,13 @@ export function createWebServer(d: WebDeps): WebServer {
     return a ? blockOf(a, derived().settings.prefixes) : ip;
   }
 
-  function homeModel(c: Ctx & { user: string }): pages.HomeModel {
+  /** The last login code sent from this session, while it is still valid (the page asks for it). */
+  const liveEmailSent = (c: Ctx) => (c.session?.emailSent && c.session.emailSent.expiresAt > clock() ? c.session.emailSent : undefined);
+
+  function homeModel(c: Routed): pages.HomeModel {
     const st = d.mfa.status(c.user, c.ip);
-    const now = clock();
     const block = ipBlock(c.ip);
-    const emailSent = c.session?.emailSent && c.session.emailSent.expiresAt > now ? c.session.emailSent : undefined;
+    const emailSent = liveEmailSent(c);
     const m: pages.HomeModel = {
       ip: c.ip,
       state: 'need',
@@ -176,12 +178,10 @@ export function createWebServer(d: WebDeps): WebServer {
     return m;
   }
 
-  function settingsModel(c: Ctx & { user: string }): pages.SettingsModel {
+  function settingsModel(c: Routed): pages.SettingsModel {
     const st = d.mfa.status(c.user);
-    const now = clock();
-    const emailSent = c.session?.emailSent && c.session.emailSent.expiresAt > now ? c.session.emailSent : undefined;
+    const emailSent = liveEmailSent(c);
     return {
-      ip: c.ip,
       ipBlock: ipBlock(c.ip),
       mfaEnabled: st.mfa_enabled,
       siteRequired: st.mfa_required && !st.mfa_enabled,
@@ -195,9 +195,9 @@ export function createWebServer(d: WebDeps): WebServer {
     };
   }
 
-  const renderHome = (c: Ctx & { user: string }, status = 200, errors: Record<string, string> = {}) =>
+  const renderHome = (c: Routed, status = 200, errors: Record<string, string> = {}) =>
     send(c, status, pages.homePage(view(c, 'home', errors), homeModel(c)));
-  const renderSettings = (c: Ctx & { user: string }, status = 200, errors: Record<string, string> = {}, values: Record<string, string> = {}) =>
+  const renderSettings = (c: Routed, status = 200, errors: Record<string, string> = {}, values: Record<string, string> = {}) =>
     send(c, status, pages.settingsPage(view(c, 'settings', errors, values), settingsModel(c)));
 
   // ---- form helpers ----------------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ export function createWebServer(d: WebDeps): WebServer {
   const value = (c: Ctx, name: string) => (c.form.get(name) ?? '').trim();
 
   /** The proof a change needs once a factor is registered; undefined before the first one. */
-  function proof(c: Ctx & { user: string }): { method: string; code: string } | undefined {
+  function proof(c: Routed): { method: string; code: string } | undefined {
     const st = d.mfa.status(c.user);
     if (!st.factors.totp && st.factors.email === null) return undefined;
     return { method: value(c, 'method'), code: value(c, 'code') };
@@ -227,24 +227,29 @@ export function createWebServer(d: WebDeps): WebServer {
     }
   }
 
-  function needsCode(c: Ctx & { user: string }, formId: string, render: (errors: Record<string, string>) => void): boolean {
+  /**
+   * The proof fields a change carries once a factor is registered (undefined before the first one). When the
+   * code is empty, the form is shown again with the error next to it, and the answer is null.
+   */
+  function proofOrAsk(c: Routed, formId: string, values: Record<string, string> = {}): { method: string; code: string } | undefined | null {
     const p = proof(c);
     if (p && p.code === '') {
-      render({ [`${formId}.code`]: c.t.errCode });
-      return true;
+      renderSettings(c, 400, { [`${formId}.code`]: c.t.errCode }, values);
+      return null;
     }
-    return false;
+    return p;
   }
 
   /** A route for a change that needs the proof fields: the code must be there, then the change runs. */
-  function proofChange(formId: string, act: (c: Routed, p: ReturnType<typeof proof>) => void): Handler {
+  function proofChange(formId: string, act: (c: Routed, p: { method: string; code: string } | undefined) => void): Handler {
     return (c) => {
-      if (needsCode(c, formId, (errors) => renderSettings(c, 400, errors))) return;
-      return settingsAction(c, formId, () => act(c, proof(c)));
+      const p = proofOrAsk(c, formId);
+      if (p === null) return;
+      return settingsAction(c, formId, () => act(c, p));
     };
   }
 
-  function firstRegistrationRefused(c: Ctx & { user: string }): boolean {
+  function firstRegistrationRefused(c: Routed): boolean {
     if (d.config().web.firstRegistration !== 'trusted-only' || onTrustedNetwork(c.ip)) return false;
     const st = d.mfa.status(c.user);
     if (st.factors.totp || st.factors.email !== null) return false;
@@ -325,9 +330,11 @@ export function createWebServer(d: WebDeps): WebServer {
       redirect(c, '/settings');
     }),
     '/totp/begin': (c) => {
-      if (firstRegistrationRefused(c) || needsCode(c, 'app-begin', (errors) => renderSettings(c, 400, errors))) return;
+      if (firstRegistrationRefused(c)) return;
+      const p = proofOrAsk(c, 'app-begin');
+      if (p === null) return;
       return settingsAction(c, 'app-begin', async () => {
-        const r = await d.mfa.totpBegin(c.user, c.ip, proof(c));
+        const r = await d.mfa.totpBegin(c.user, c.ip, p);
         c.session.enrolment = { secret: r.secret, qrSvg: r.qr_svg, startedAt: clock() };
         redirect(c, '/settings/app');
       });
@@ -366,12 +373,14 @@ export function createWebServer(d: WebDeps): WebServer {
       const address = value(c, 'address');
       const values = { 'email-register.address': address, 'email-register.method': value(c, 'method') };
       if (address === '') return renderSettings(c, 400, { 'email-register.address': c.t.errRequired }, values);
-      if (firstRegistrationRefused(c) || needsCode(c, 'email-register', (errors) => renderSettings(c, 400, errors, values))) return;
+      if (firstRegistrationRefused(c)) return;
+      const p = proofOrAsk(c, 'email-register', values);
+      if (p === null) return;
       return settingsAction(
         c,
         'email-register',
         async () => {
-          await d.mfa.emailRegister(c.user, c.ip, address, proof(c));
+          await d.mfa.emailRegister(c.user, c.ip, address, p);
           redirect(c, '/settings/email');
         },
         (e) => (e.code === 'bad-request' || e.code === 'refused-domain' || (e.code === 'conflict' && e.message.includes('already')) ? 'address' : undefined),

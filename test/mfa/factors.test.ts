@@ -1,7 +1,7 @@
 // Factors as a whole: backup codes, enable/disable, the last factor, the helpdesk reset, grants from a passed
 // factor, the audit log of every attempt and change, and no secret or code in any log line.
 import t from 'tap';
-import { errorCode, failingMailError, type Harness, IP, MINUTE, mfaHarness, settle, STEP_MS } from '../helpers/mfa.js';
+import { errorCode, failingMailError, IP, MINUTE, mfaHarness, settle, STEP_MS } from '../helpers/mfa.js';
 
 const HOUR = 60 * MINUTE;
 const ADDR = 'alice.private@example.com';
