@@ -80,6 +80,14 @@ export function mfaRequired(
   return (user?.mfaEnabled ?? false) || (settings.requiredFrom !== undefined && now >= settings.requiredFrom);
 }
 
+/**
+ * The network part of rule 3: the address is in a trusted range (campus, VPN) and not in an untrusted one
+ * (eduroam inside the campus range). The one statement of it, for the decision and for the MFA page.
+ */
+export function isTrustedNetwork(settings: Pick<PolicySettings, 'trusted' | 'untrusted'>, address: Address): boolean {
+  return !settings.untrusted.has(address) && settings.trusted.has(address);
+}
+
 export function decide(settings: PolicySettings, req: DecisionRequest, facts: Facts): Decision {
   const block = blockOf(req.address, settings.prefixes);
   let untrustedRange = false;
@@ -96,8 +104,8 @@ export function decide(settings: PolicySettings, req: DecisionRequest, facts: Fa
   if (!settings.protocols.has(req.protocol.toLowerCase())) return done('allow', 'protocol-not-enforced');
   // 3. Networks. The webmail host comes first: it does its own MFA whatever the browser's address.
   if (req.realAddress && settings.webmail.has(req.realAddress)) return done('allow', 'webmail-host');
+  if (isTrustedNetwork(settings, req.address)) return done('allow', 'trusted-network');
   untrustedRange = settings.untrusted.has(req.address);
-  if (!untrustedRange && settings.trusted.has(req.address)) return done('allow', 'trusted-network');
   // 4. Is MFA required for this user?
   if (settings.exemptUsers.has(req.user)) return done('allow', 'user-exempt');
   const { user, grant } = facts.lookup(req.user, block, req.now);

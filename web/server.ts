@@ -11,7 +11,7 @@ import { errorText } from '../daemon/log.js';
 import { type MfaErrorCode, MfaError, type MfaService } from '../mfa/service.js';
 import { blockOf, parseAddress, RangeList } from '../policy/address.js';
 import { normaliseUser } from '../policy/user.js';
-import type { PolicySettings } from '../policy/decide.js';
+import { isTrustedNetwork, type PolicySettings } from '../policy/decide.js';
 import { ForwardedError, clientIp } from './client-ip.js';
 import { type DovecotAuthRequest, type DovecotAuthResult, checkPassword, credentialProblem } from './dovecot-auth.js';
 import { type Lang, LANGS, pickLang, TEXT, type Text } from './i18n.js';
@@ -141,8 +141,7 @@ export function createWebServer(d: WebDeps): WebServer {
 
   function onTrustedNetwork(ip: string): boolean {
     const a = parseAddress(ip);
-    const s = derived().settings;
-    return a !== undefined && !s.untrusted.has(a) && s.trusted.has(a);
+    return a !== undefined && isTrustedNetwork(derived().settings, a);
   }
 
   function ipBlock(ip: string): string {

@@ -374,6 +374,20 @@ t.test('client address: X-Forwarded-For only from a trusted proxy', async (t) =>
   t.equal(r.status, 200, 'the same header from an untrusted peer is simply ignored');
 });
 
+t.test('eduroam inside the campus range is not the trusted network (the same rule as the policy)', async (t) => {
+  const w = await rig(t, '[web]\ntrusted_proxies = ["127.0.0.1"]\n[networks]\ntrusted = ["127.0.0.0/24"]\nuntrusted = ["127.0.0.128/25"]\n');
+  await w.h.registerApp('alice');
+  w.h.svc.enable('alice', IP);
+  const campus = w.client({ localAddress: '127.0.0.1', headers: { 'X-Forwarded-For': '127.0.0.20' } });
+  t.equal((await campus.signIn('alice', 'alice-pw')).status, 303);
+  t.equal(textOf((await campus.get('/')).body, 'network-status'), en.trustedNetwork('127.0.0.20'), 'the campus fixed network');
+  const eduroam = w.client({ localAddress: '127.0.0.1', headers: { 'X-Forwarded-For': '127.0.0.200' } });
+  t.equal((await eduroam.signIn('alice', 'alice-pw')).status, 303);
+  const home = await eduroam.get('/');
+  t.equal(textOf(home.body, 'network-status'), en.needMfa('127.0.0.200'), 'eduroam needs MFA');
+  t.ok(hasId(home.body, 'verify-totp'), 'asked for a code');
+});
+
 t.test('passing MFA over HTTP, then revoking the grant', async (t) => {
   const w = await rig(t);
   const secret = await w.h.registerApp('alice');
