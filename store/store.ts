@@ -133,6 +133,8 @@ export class Store implements Facts {
   /** Second factors, codes, failures and locks. */
   readonly mfa: MfaStore;
   private readonly st;
+  /** listGrants' statements by their SQL text. */
+  private readonly listStatements = new Map<string, Database.Statement>();
 
   static open(file: string, opts: OpenOptions = {}): Store {
     const create = opts.create ?? true;
@@ -358,8 +360,14 @@ export class Store implements Facts {
     }
     const sql = `SELECT * FROM grants ${where.length ? 'WHERE ' + where.join(' AND ') : ''} ORDER BY created_at DESC, id DESC LIMIT ?`;
     args.push(f.limit ?? 1000);
-    // Listing filters vary; this is an operator's command, not the hot path, so it is prepared per call.
-    return (this.db.prepare(sql).all(...args) as Row[]).map(grantFromRow);
+    // The filters combine into at most eight statements; each is prepared once (the status the API and the
+    // MFA page show lists a user's grants on every page view).
+    let st = this.listStatements.get(sql);
+    if (!st) {
+      st = this.db.prepare(sql);
+      this.listStatements.set(sql, st);
+    }
+    return (st.all(...args) as Row[]).map(grantFromRow);
   }
 
   /** Revokes the active grants that match; returns the revoked grants. */

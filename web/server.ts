@@ -93,7 +93,7 @@ export function createWebServer(d: WebDeps): WebServer {
   }
 
   function send(c: Ctx, status: number, body: string, type = 'text/html; charset=utf-8'): void {
-    const headers: Record<string, string | string[]> = { ...SECURITY_HEADERS, 'Content-Type': type, 'Cache-Control': 'no-store' };
+    const headers: Record<string, string | string[]> = { ...SECURITY_HEADERS, 'Content-Type': type, 'Cache-Control': 'no-store', 'Content-Length': String(Buffer.byteLength(body)) };
     const cookies: string[] = [];
     if (c.session) cookies.push(cookie(SESSION_COOKIE, c.session.id, '; HttpOnly'));
     else if (c.staleCookie) cookies.push(cookie(SESSION_COOKIE, '', '; HttpOnly; Max-Age=0'));
@@ -501,7 +501,7 @@ export function createWebServer(d: WebDeps): WebServer {
     if (method === 'GET' || method === 'HEAD') {
       if (c.path === '/style.css') {
         res.setHeader('Cache-Control', 'max-age=3600');
-        res.writeHead(200, { ...SECURITY_HEADERS, 'Content-Type': 'text/css; charset=utf-8' });
+        res.writeHead(200, { ...SECURITY_HEADERS, 'Content-Type': 'text/css; charset=utf-8', 'Content-Length': String(Buffer.byteLength(STYLE)) });
         res.end(method === 'HEAD' ? undefined : STYLE);
         return;
       }
@@ -510,7 +510,7 @@ export function createWebServer(d: WebDeps): WebServer {
       if (wanted !== null && (LANGS as readonly string[]).includes(wanted)) {
         res.setHeader('Set-Cookie', cookie(LANG_COOKIE, wanted, `; Max-Age=${365 * 86400}`));
         // One leading slash only: "//host" would send the browser to another site.
-        res.writeHead(303, { ...SECURITY_HEADERS, Location: `${b}${c.path.replace(/^\/+/, '/')}`, 'Cache-Control': 'no-store' });
+        res.writeHead(303, { ...SECURITY_HEADERS, Location: `${b}${c.path.replace(/^\/+/, '/')}`, 'Cache-Control': 'no-store', 'Content-Length': '0' });
         res.end();
         return;
       }
