@@ -13,12 +13,10 @@
 // (requests/s of the paced runs, default 2000), BENCH_LOG ("file", the default, or "null" to send the decision
 // log to /dev/null), BENCH_WRITE ("0" leaves BENCHMARKS.md alone), BENCH_DAEMON_NODE_ARGS (extra node flags
 // for the daemon, e.g. "--cpu-prof --cpu-prof-dir=DIR" to profile it).
-import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import Database from 'better-sqlite3';
+import { type Child, cpuSeconds, envNumber, machine, scratchDir, start, statusKb } from './proc.js';
 import { type LoadResult, type ReplyReader, type Target, httpReader, percentileMs, postfixReader, runLoad } from './load.js';
 import { GRANTS_PER_USER, dovecotRequest, fillStore, postfixRequest, requestMix } from './workload.js';
 
@@ -27,14 +25,6 @@ const ROOT = path.resolve(HERE, '../..');
 const CLI = path.join(ROOT, 'dist/cli/main.js');
 const FLOOR = path.join(HERE, 'floor.js');
 const REPORT = path.join(ROOT, 'BENCHMARKS.md');
-
-function envNumber(name: string, fallback: number): number {
-  const v = process.env[name];
-  if (v === undefined || v === '') return fallback;
-  const n = Number(v);
-  if (!Number.isFinite(n) || n <= 0) throw new Error(`${name} must be a positive number, got ${JSON.stringify(v)}`);
-  return n;
-}
 
 const SECONDS = envNumber('BENCH_SECONDS', 10);
 const WARMUP = envNumber('BENCH_WARMUP_SECONDS', 2);
@@ -52,115 +42,8 @@ const API_KEY = 'bench-api-key-0123456789abcdef';
 
 // ---- children and cleanup --------------------------------------------------------------------------------
 
-const children = new Set<ChildProcess>();
-let tmp: string | undefined;
-
-function cleanup(): void {
-  for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
-  children.clear();
-  if (tmp) fs.rmSync(tmp, { recursive: true, force: true });
-  tmp = undefined;
-}
-process.on('exit', cleanup);
-for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
-  process.once(sig, () => {
-    cleanup();
-    process.exit(130);
-  });
-}
-
-interface Child {
-  child: ChildProcess;
-  pid: number;
-  /** The first match of `ready` in the child's stdout or stderr. */
-  match: RegExpExecArray;
-  stop(): Promise<void>;
-}
-
-/** Starts a node script; resolves once its output matches `ready`. */
-function start(args: string[], stdout: 'pipe' | number, ready: RegExp, what: string): Promise<Child> {
-  const child = spawn(process.execPath, args, { stdio: ['ignore', stdout, 'pipe'] });
-  children.add(child);
-  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-  const stop = async () => {
-    if (child.exitCode === null && child.signalCode === null) {
-      child.kill('SIGTERM');
-      const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
-      await exited;
-      clearTimeout(timer);
-    }
-    children.delete(child);
-  };
-  return new Promise<Child>((resolve, reject) => {
-    let text = '';
-    const timer = setTimeout(() => {
-      void stop();
-      reject(new Error(`${what} not ready after 60 s:\n${text}`));
-    }, 60_000);
-    const onData = (b: Buffer) => {
-      text += b.toString();
-      const m = ready.exec(text);
-      if (m && child.pid !== undefined) {
-        clearTimeout(timer);
-        resolve({ child, pid: child.pid, match: m, stop });
-      }
-    };
-    child.stdout?.on('data', onData);
-    child.stderr?.on('data', onData);
-    void exited.then(() => {
-      clearTimeout(timer);
-      reject(new Error(`${what} exited early (${child.exitCode ?? child.signalCode}):\n${text}`));
-    });
-  });
-}
-
-// ---- what /proc says about a process -----------------------------------------------------------------------
-
-function statusKb(pid: number, field: 'VmHWM' | 'VmRSS'): number {
-  const m = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
-  return m ? Number(m[1]) : NaN;
-}
-
-/** User + system CPU seconds of a process (clock ticks of 1/100 s, the Linux default). */
-function cpuSeconds(pid: number): number {
-  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return (Number(f[11]) + Number(f[12])) / 100;
-}
-
-function machine() {
-  const cpuinfo = fs.readFileSync('/proc/cpuinfo', 'utf8');
-  const model = /^model name\s*:\s*(.+)$/m.exec(cpuinfo)?.[1]?.trim() ?? os.cpus()[0]?.model ?? 'unknown';
-  const db = new Database(':memory:');
-  const sqlite = (db.prepare('SELECT sqlite_version() AS v').get() as { v: string }).v;
-  db.close();
-  return {
-    model,
-    cores: os.availableParallelism(),
-    memGiB: os.totalmem() / 2 ** 30,
-    kernel: `${os.type()} ${os.release()}`,
-    node: process.version,
-    sqlite,
-    tmpFs: fsTypeOf(os.tmpdir()),
-  };
-}
-
-/** The file system type of the mount holding `dir` (longest matching mount point in /proc/mounts). */
-function fsTypeOf(dir: string): string {
-  try {
-    const real = fs.realpathSync(dir);
-    let best = { point: '', type: 'unknown' };
-    for (const line of fs.readFileSync('/proc/mounts', 'utf8').split('\n')) {
-      const [, point, type] = line.split(' ');
-      if (!point || !type) continue;
-      const inside = real === point || real.startsWith(point.endsWith('/') ? point : point + '/');
-      if (inside && point.length >= best.point.length) best = { point, type };
-    }
-    return best.type;
-  } catch {
-    return 'unknown';
-  }
-}
+/** The scratch directory (store, config, sockets): removed, and every child killed, however the run ends. */
+const { dir, cleanup } = scratchDir('mfagate-bench-');
 
 async function countLines(file: string): Promise<number> {
   let n = 0;
@@ -228,8 +111,6 @@ function figures(r: Run) {
 
 async function main(): Promise<void> {
   if (!fs.existsSync(CLI) || !fs.existsSync(FLOOR)) throw new Error('build first: npm run build (or use npm run bench)');
-  tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'mfagate-bench-'));
-  const dir = tmp;
   const m = machine();
   const started = Date.now();
   const out = (s: string) => process.stdout.write(s + '\n');
@@ -406,6 +287,7 @@ const INTRO = `# Benchmarks
 a Node server on the same transport that answers a constant and looks at nothing but where a request ends
 (the most Node can do on this machine). It is a benchmark, not a test: nothing fails when an aim is missed;
 the figures say so. Aims: at least half the floor's throughput, and p99 under 2 ms.
+Then it measures the MFA web page (bench/web.ts; its own section at the end of this file).
 
 What it does:
 

@@ -27,8 +27,16 @@ export function postfixReader(): ReplyReader {
   };
 }
 
-/** HTTP/1.1 responses with a Content-Length body; the Dovecot policy body's "status" decides the verdict. */
-export function httpReader(): ReplyReader {
+/** The Dovecot policy reply's verdict: its JSON "status" (0 allow, -1 refuse). */
+export function dovecotVerdict(ok: boolean, body: string): Verdict {
+  if (!ok) return 'other';
+  if (body.startsWith('{"status":0')) return 'allow';
+  if (body.startsWith('{"status":-1')) return 'refuse';
+  return 'other';
+}
+
+/** HTTP/1.1 responses with a Content-Length body; `verdict` reads one (ok: the status is 200). */
+export function httpReader(verdict: (ok: boolean, body: string) => Verdict = dovecotVerdict): ReplyReader {
   let pending = '';
   let bodyStart = -1;
   let length = 0;
@@ -49,10 +57,7 @@ export function httpReader(): ReplyReader {
       const body = pending.slice(bodyStart);
       pending = '';
       bodyStart = -1;
-      if (!ok) return 'other';
-      if (body.startsWith('{"status":0')) return 'allow';
-      if (body.startsWith('{"status":-1')) return 'refuse';
-      return 'other';
+      return verdict(ok, body);
     },
   };
 }
