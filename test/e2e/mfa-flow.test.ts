@@ -10,7 +10,7 @@ import t from 'tap';
 import { type LoginResult, imapLogin } from '../helpers/clients.js';
 import { Authenticator, apiClient, codeIn, decodeMail } from '../helpers/api.js';
 import { type DaemonProcess, spawnDaemon, tempDir } from '../helpers/daemon.js';
-import { type MailStack, freePort, startMailStack } from '../helpers/mailstack.js';
+import { type MailStack, startStackForMfagate } from '../helpers/mailstack.js';
 
 const A = '127.0.0.9';
 const B = '127.0.0.10';
@@ -26,15 +26,9 @@ const api = apiClient({ socketPath: apiSocket });
 let phone: Authenticator;
 
 t.before(async () => {
-  const port = await freePort();
-  stack = await startMailStack({
-    users: USERS,
-    policyUrl: `http://127.0.0.1:${port}/`,
-    policyApiHeader: 'X-API-Key: e2e-key',
-    policyAttributes: 'recommended',
-    // mfagate's mail comes from 127.0.0.1 without AUTH, like a site's daemon handing mail to its local MTA.
-    postfixExtra: 'smtpd_recipient_restrictions = permit_mynetworks, permit_sasl_authenticated, reject',
-  });
+  const started = await startStackForMfagate(USERS, 'e2e-key');
+  stack = started.stack;
+  const port = started.policyPort;
   fs.writeFileSync(
     configFile,
     `[store]

@@ -645,6 +645,23 @@ function reapOrphans(): void {
 
 // ---------------------------------------------------------------------------------------------------------------
 
+/**
+ * A stack wired to an mfagate that is about to start: Dovecot asks its policy endpoint on a free loopback port
+ * (the recommended attributes, with `apiKey` as X-API-Key), and Postfix accepts mail from 127.0.0.1 without
+ * AUTH, as a site's MTA takes the daemon's mail. The port is for `[dovecot] listen`.
+ */
+export async function startStackForMfagate(users: Record<string, string>, apiKey: string): Promise<{ stack: MailStack; policyPort: number }> {
+  const policyPort = await freePort();
+  const stack = await startMailStack({
+    users,
+    policyUrl: `http://127.0.0.1:${policyPort}/`,
+    policyApiHeader: `X-API-Key: ${apiKey}`,
+    policyAttributes: 'recommended',
+    postfixExtra: 'smtpd_recipient_restrictions = permit_mynetworks, permit_sasl_authenticated, reject',
+  });
+  return { stack, policyPort };
+}
+
 export async function startMailStack(opts: MailStackOptions): Promise<MailStack> {
   const bin = binaries();
   for (const [user, pw] of Object.entries(opts.users)) {

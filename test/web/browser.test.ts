@@ -17,11 +17,11 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Page } from 'playwright-core';
 import t, { type Test } from 'tap';
-import { Authenticator, decodeMail } from '../helpers/api.js';
+import { Authenticator, codeIn, decodeMail } from '../helpers/api.js';
 import { type BrowserSession, PHONE, accessibilityViolations, launchChromium, newPage, screenshot } from '../helpers/browser.js';
 import { imapLogin } from '../helpers/clients.js';
 import { type DaemonProcess, spawnDaemon, tempDir } from '../helpers/daemon.js';
-import { type MailStack, freePort, startMailStack } from '../helpers/mailstack.js';
+import { type MailStack, freePort, startStackForMfagate } from '../helpers/mailstack.js';
 
 const CAMPUS = '127.0.0.2';
 const A = '127.0.0.9';
@@ -40,15 +40,10 @@ let phone: Authenticator;
 let codes: string[] = [];
 
 t.before(async () => {
-  const [policyPort, webPort] = [await freePort(), await freePort()];
-  stack = await startMailStack({
-    users: USERS,
-    policyUrl: `http://127.0.0.1:${policyPort}/`,
-    policyApiHeader: 'X-API-Key: web-e2e-key',
-    policyAttributes: 'recommended',
-    // mfagate hands its mail to the local MTA from 127.0.0.1 without AUTH.
-    postfixExtra: 'smtpd_recipient_restrictions = permit_mynetworks, permit_sasl_authenticated, reject',
-  });
+  const webPort = await freePort();
+  const started = await startStackForMfagate(USERS, 'web-e2e-key');
+  stack = started.stack;
+  const policyPort = started.policyPort;
   fs.writeFileSync(
     configFile,
     `[store]
@@ -121,12 +116,6 @@ const mailbox = () => new Set(stack.messages('carol'));
 async function mailTo(subject: RegExp, seen: Set<string>): Promise<{ subject: string; text: string }> {
   const raw = await stack.waitForMessage('carol', (m) => !seen.has(m) && subject.test(decodeMail(m).subject));
   return decodeMail(raw);
-}
-
-function codeInMail(body: string): string {
-  const m = /^\s*(?:OTP|Code): (\d+)\s*$/m.exec(body);
-  if (!m?.[1]) throw new Error(`no code in the mail:\n${body}`);
-  return m[1];
 }
 
 t.test('campus: sign in (wrong, then right password), register the app, enable MFA, sign out', async (t) => {
@@ -221,7 +210,7 @@ t.test('home A: register the external address with the delivered code, then back
   t.equal(new URL(page.url()).pathname, '/mfa/settings/email');
   const mail = await mailTo(/外部メールアドレスの確認/, before);
   await capture(t, page, '09-confirm-address-en');
-  await page.fill('#email-confirm-code', codeInMail(mail.text));
+  await page.fill('#email-confirm-code', codeIn(mail.text));
   await submit(page, '#email-confirm');
   t.match(await text(page, '.notice.ok'), 'The external e-mail address is registered');
   t.match(await text(page, '#email-state'), /Registered: c\*+@mail\.test/, 'the address is shown masked');
@@ -259,7 +248,7 @@ t.test('home B: an OTP by mail, IMAP from B gets in; revoking A in the status ta
   t.match(await page.content(), 'OTP を送信しました', 'the page says the OTP was sent');
   const mail = await mailTo(/OTP/, before);
   t.match(mail.text, `要求元 IP アドレス: ${B}`, 'the mail names the address that asked');
-  await page.fill('#verify-email-code', codeInMail(mail.text));
+  await page.fill('#verify-email-code', codeIn(mail.text));
   await submit(page, '#verify-email');
   t.match(await text(page, '#network-status'), new RegExp(`このネットワーク \\(${B.replace(/\./g, '\\.')}\\) からのメールソフトの利用は \\d{4}-\\d\\d-\\d\\d \\d\\d:\\d\\d \\(JST\\) まで有効です`));
   await capture(t, page, '12-home-passed-by-mail-ja-phone');
