@@ -1,20 +1,35 @@
 // Client addresses: parsing, the address block a grant covers, and CIDR lists.
-// Pure: no I/O. ipaddr.js does the parsing so that every textual IPv6 form is accepted.
+// Pure: no I/O. ipaddr.js holds the parsed addresses; parseAddress decides which texts are addresses at all.
 import ipaddr from 'ipaddr.js';
 
 export type Address = ipaddr.IPv4 | ipaddr.IPv6;
 
-/** Parse an address; IPv4-mapped IPv6 (::ffff:a.b.c.d) becomes IPv4. Returns undefined when malformed. */
+/**
+ * The one parser for every address the product accepts (Dovecot's remote, Postfix's client_address, the API's
+ * ip, a trusted proxy's X-Forwarded-For, the CLI, the configuration): the textual forms of RFC 4291 section 2.2
+ * and dotted-quad IPv4, nothing looser. IPv4 is four decimal numbers 0..255 without leading zeros ("010.0.0.1"
+ * would be octal to inet_aton; "0xcb.0.113.7" and "10" are refused), and so is an IPv4 part inside IPv6 text.
+ * Only the IPv4-mapped block ::ffff:0:0/96 becomes IPv4; the deprecated IPv4-compatible form (::203.0.113.7)
+ * is the IPv6 address it spells. No surrounding spaces. Returns undefined when malformed.
+ */
 export function parseAddress(text: string): Address | undefined {
-  const s = text.trim();
-  // ipaddr.isValid accepts odd legacy forms such as "10" or "0x7f.1"; we want the strict forms only.
-  if (ipaddr.IPv4.isValidFourPartDecimal(s)) return ipaddr.IPv4.parse(s);
-  // A zone index (fe80::1%eth0) is legal in IPv6 text; it does not change the block.
-  if (s.includes(':') && ipaddr.IPv6.isValid(s)) {
-    const v6 = ipaddr.IPv6.parse(s);
-    return v6.isIPv4MappedAddress() ? v6.toIPv4Address() : v6;
+  if (ipaddr.IPv4.isValidFourPartDecimal(text)) return ipaddr.IPv4.parse(text);
+  if (!text.includes(':')) return undefined;
+  // ipaddr.js reads an embedded IPv4 part with the lenient IPv4 parser and always maps it to ::ffff:a.b.c.d:
+  // check that part strictly ourselves and hand ipaddr.js the two hex groups it stands for.
+  const zone = text.indexOf('%');
+  const body = zone < 0 ? text : text.slice(0, zone);
+  const colon = body.lastIndexOf(':');
+  const tail = body.slice(colon + 1);
+  let hex = text;
+  if (tail.includes('.')) {
+    if (!ipaddr.IPv4.isValidFourPartDecimal(tail)) return undefined;
+    const [a = 0, b = 0, c = 0, d = 0] = ipaddr.IPv4.parse(tail).octets;
+    hex = `${body.slice(0, colon + 1)}${((a << 8) | b).toString(16)}:${((c << 8) | d).toString(16)}${zone < 0 ? '' : text.slice(zone)}`;
   }
-  return undefined;
+  if (!ipaddr.IPv6.isValid(hex)) return undefined;
+  const v6 = ipaddr.IPv6.parse(hex);
+  return v6.isIPv4MappedAddress() ? v6.toIPv4Address() : v6;
 }
 
 export interface BlockPrefixes {
@@ -83,7 +98,7 @@ export class RangeList {
 
 /** "192.0.2.0/24", "2001:db8::/32", or a bare address (a /32 or /128). IPv4-mapped IPv6 ranges become IPv4. */
 export function parseCidr(text: string): [Address, number] | undefined {
-  const s = text.trim();
+  const s = text;
   const slash = s.indexOf('/');
   if (slash < 0) {
     const a = parseAddress(s);
