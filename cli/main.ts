@@ -38,6 +38,8 @@ process.stdout.on('error', (e: NodeJS.ErrnoException) => {
 
 /** Set by `check`, whose exit status 1 means "refused": its failures must not look like a refusal. */
 let deciding = false;
+/** Set by `serve`: a start that failed exits at once, whatever handles are still open. */
+let serving = false;
 
 function out(text: string): void {
   process.stdout.write(text.endsWith('\n') ? text : text + '\n');
@@ -66,7 +68,9 @@ function configOf(cmd: Command): Config {
 }
 
 function withStore<T>(config: Config, fn: (store: Store) => T): T {
-  const store = Store.open(config.store.path, { create: true, migrate: true });
+  // Never creates one: a command run against a wrong [store] path, or while the file system is not mounted,
+  // must say so instead of working on a new empty store the daemon does not use.
+  const store = Store.open(config.store.path, { create: false, migrate: true });
   try {
     return fn(store);
   } finally {
@@ -175,12 +179,18 @@ export function buildProgram(): Command {
   program
     .command('serve')
     .description('run the daemon: the Dovecot and Postfix policy endpoints and the webmail API')
-    .action(async (_o, cmd: Command) => {
+    .option('--create-store', 'create the store if it does not exist (a new installation; "mfagate db migrate" does the same)')
+    .action(async (o: { createStore?: boolean }, cmd: Command) => {
+      serving = true;
+      // A reload asked for while starting is done once started, instead of SIGHUP's default (ending the process).
+      let reloadAsked = false;
+      const early = () => (reloadAsked = true);
+      process.on('SIGHUP', early);
       const config = configOf(cmd);
       const logger = createLogger(config.log.level);
       let daemon: Daemon;
       try {
-        daemon = await startDaemon(config, logger);
+        daemon = await startDaemon(config, logger, { createStore: o.createStore === true });
       } finally {
         logger.flush();
       }
@@ -193,6 +203,8 @@ export function buildProgram(): Command {
           `  store                ${config.store.path}\n`,
       );
       process.on('SIGHUP', () => daemon.reload());
+      process.off('SIGHUP', early);
+      if (reloadAsked) daemon.reload();
       const stop = (signal: string) => {
         logger.log('info', 'stopping', { signal });
         daemon.stop().then(
@@ -609,8 +621,9 @@ export function buildProgram(): Command {
     .description('create the store or bring its schema up to date')
     .action((_o, cmd: Command) => {
       const config = configOf(cmd);
-      const { from, to } = migrateFile(config.store.path);
-      out(from === to ? `${config.store.path}: schema version ${to}, up to date` : `${config.store.path}: migrated from schema version ${from} to ${to}`);
+      const { from, to, created } = migrateFile(config.store.path);
+      if (created) out(`${config.store.path}: created, schema version ${to}`);
+      else out(from === to ? `${config.store.path}: schema version ${to}, up to date` : `${config.store.path}: migrated from schema version ${from} to ${to}`);
     });
   program
     .command('stats')
@@ -662,6 +675,11 @@ export async function main(argv: string[]): Promise<number> {
       process.stderr.write(`mfagate: cannot start: ${e.message}\n`);
       return 2;
     }
+    if (serving) {
+      // The store, the key, a port: the daemon did not start, and says why.
+      process.stderr.write(`mfagate: cannot start: ${errorText(e)}\n`);
+      return 1;
+    }
     if (e instanceof UsageError) {
       process.stderr.write(`mfagate: ${e.message}\n`);
       return deciding ? 2 : e.exitCode;
@@ -674,4 +692,6 @@ export async function main(argv: string[]): Promise<number> {
 
 main(process.argv).then((code) => {
   if (code !== 0 || process.exitCode === undefined) process.exitCode = code;
+  // A daemon that did not start must not linger (systemd would show it running): exit now.
+  if (serving && code !== 0) process.exit(code);
 });

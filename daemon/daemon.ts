@@ -1,5 +1,6 @@
 // Process life: open the store, bind every listener, run the timers, reload on SIGHUP, stop cleanly.
 import fs from 'node:fs';
+import path from 'node:path';
 import type http from 'node:http';
 import type net from 'node:net';
 import { type Config, ConfigError, loadConfig } from '../config/config.js';
@@ -7,7 +8,7 @@ import { type Endpoint, formatEndpoint } from '../config/listen.js';
 import { type Mailer, createMailer } from '../mfa/mailer.js';
 import { openSecrets } from '../mfa/secrets.js';
 import { MfaService } from '../mfa/service.js';
-import { Store } from '../store/store.js';
+import { Store, StoreError } from '../store/store.js';
 import { createApiServer } from './api-server.js';
 import { createDovecotServer } from './dovecot-server.js';
 import { boundEndpoint, closeServer, listenOn } from './listeners.js';
@@ -29,6 +30,11 @@ export interface Daemon {
 export interface DaemonOptions {
   /** The clock for decisions and second factors (tests); default Date.now. */
   clock?: () => number;
+  /**
+   * Create the store when it is missing (`serve --create-store`). Without it, only the built-in defaults (no
+   * configuration file: a fresh checkout) create one; with a configuration a missing store stops the start.
+   */
+  createStore?: boolean;
 }
 
 /** The daemon cannot start as configured (the message says what to fix). */
@@ -40,6 +46,10 @@ const REPORT_FLUSH_MS = 1000;
 const STATS_FLUSH_MS = 5000;
 const PURGE_EVERY_MS = 10 * 60_000;
 const WEB_SWEEP_MS = 60_000;
+/** How often the store's and the key's paths are checked (a deleted or replaced file is put back). */
+const FILES_CHECK_MS = 1000;
+/** A problem that persists is logged again this often, not on every check. */
+const FILES_REMIND_MS = 60_000;
 /** API bodies are a few fields; nothing legitimate comes near this. */
 const API_MAX_BODY_BYTES = 16 * 1024;
 /** Failed factor attempts are kept at least this long (the lockout window may be longer). */
@@ -61,19 +71,34 @@ export function readApiToken(file: string): string {
   return text;
 }
 
+/**
+ * Starts completely or not at all: anything that fails (a store that cannot be written, a bad key or token
+ * file, a port in use) closes what was opened and rejects, so the process can exit with the reason instead of
+ * answering the policy endpoints half-started.
+ */
 export async function startDaemon(config: Config, logger: Logger, opts: DaemonOptions = {}): Promise<Daemon> {
   const clock = opts.clock ?? Date.now;
-  const store = Store.open(config.store.path, { create: true, migrate: true });
+  const store = Store.open(config.store.path, { create: opts.createStore === true || config.file === undefined, migrate: true });
+  const pid = process.pid;
+  try {
+    // The daemon writes the store (grants, reports, failures): find out now, before binding anything.
+    store.daemonStarted(pid, Date.now());
+  } catch (e) {
+    store.close();
+    throw new StoreError(`the store ${config.store.path} cannot be written (${errorText(e)}): the daemon must write it; check the file, its directory and the free space`);
+  }
   const service = new PolicyService(config, store, logger, clock);
   const bound: { server: net.Server; endpoint: Endpoint }[] = [];
   const endpoints: Daemon['endpoints'] = { dovecot: [], postfix: [], api: [], web: [] };
   const webs: WebServer[] = [];
+  const timers: NodeJS.Timeout[] = [];
   let mailer: Mailer | undefined;
   let mfa: MfaService;
   let apiToken: string | undefined;
   try {
     // Everything that can fail on a bad key or token file fails here, before any listener is bound.
     const secrets = openSecrets(config.secrets.keyFile, store);
+    const keyText = fs.readFileSync(config.secrets.keyFile, 'utf8');
     if (config.api.listen.some((e) => e.kind === 'tcp')) {
       apiToken = readApiToken(config.api.tokenFile);
       warnAboutToken(config.api.tokenFile, apiToken, logger);
@@ -122,43 +147,47 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
       endpoints.web.push(real);
       webs.push(web);
     }
+
+    const every = (ms: number, fn: () => void) => {
+      const t = setInterval(() => {
+        try {
+          fn();
+        } catch (e) {
+          logger.log('error', 'timer-failed', { error: errorText(e) });
+        }
+      }, ms);
+      t.unref();
+      timers.push(t);
+    };
+    every(REPORT_FLUSH_MS, () => service.flushReports());
+    every(STATS_FLUSH_MS, () => store.writeDaemonStats(pid, Date.now(), service.counters));
+    const purge = () => {
+      const now = Date.now();
+      let total = 0;
+      // Small batches keep each write transaction short, so policy reads and CLI writes are never held up long.
+      for (let n = store.purgeGrants(now - service.config.grants.purgeAfterMs, now); n > 0; n = store.purgeGrants(now - service.config.grants.purgeAfterMs, now)) {
+        total += n;
+      }
+      if (total > 0) logger.log('info', 'grants-purged', { count: total });
+      // Failed factor attempts only count inside the lockout window.
+      store.mfa.purgeFailures(now - Math.max(service.config.lockout.windowMs, FAILURES_KEPT_MS));
+    };
+    every(PURGE_EVERY_MS, purge);
+    if (webs.length > 0) every(WEB_SWEEP_MS, () => webs.forEach((w) => w.sweep()));
+    every(FILES_CHECK_MS, fileWatch(store, config.secrets.keyFile, keyText, logger));
+    purge();
   } catch (e) {
+    for (const t of timers) clearInterval(t);
     await Promise.all(bound.map((b) => closeServer(b.server, b.endpoint)));
     mailer?.close();
+    try {
+      store.writeDaemonStats(pid, Date.now(), service.counters, Date.now());
+    } catch {
+      /* the reason we stop is reported by the caller */
+    }
     store.close();
     throw e;
   }
-
-  const pid = process.pid;
-  store.daemonStarted(pid, Date.now());
-  const timers: NodeJS.Timeout[] = [];
-  const every = (ms: number, fn: () => void) => {
-    const t = setInterval(() => {
-      try {
-        fn();
-      } catch (e) {
-        logger.log('error', 'timer-failed', { error: errorText(e) });
-      }
-    }, ms);
-    t.unref();
-    timers.push(t);
-  };
-  every(REPORT_FLUSH_MS, () => service.flushReports());
-  every(STATS_FLUSH_MS, () => store.writeDaemonStats(pid, Date.now(), service.counters));
-  const purge = () => {
-    const now = Date.now();
-    let total = 0;
-    // Small batches keep each write transaction short, so policy reads and CLI writes are never held up long.
-    for (let n = store.purgeGrants(now - service.config.grants.purgeAfterMs, now); n > 0; n = store.purgeGrants(now - service.config.grants.purgeAfterMs, now)) {
-      total += n;
-    }
-    if (total > 0) logger.log('info', 'grants-purged', { count: total });
-    // Failed factor attempts only count inside the lockout window.
-    store.mfa.purgeFailures(now - Math.max(service.config.lockout.windowMs, FAILURES_KEPT_MS));
-  };
-  every(PURGE_EVERY_MS, purge);
-  if (webs.length > 0) every(WEB_SWEEP_MS, () => webs.forEach((w) => w.sweep()));
-  purge();
 
   logger.log('info', 'started', {
     pid,
@@ -243,13 +272,87 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
         clearTimeout(grace);
         service.flushReports();
         mailer?.close();
-        store.writeDaemonStats(pid, Date.now(), service.counters, Date.now());
+        try {
+          store.writeDaemonStats(pid, Date.now(), service.counters, Date.now());
+        } catch (e) {
+          logger.log('error', 'stats-not-written', { error: errorText(e) });
+        }
         store.close();
         logger.log('info', 'stopped', { pid });
         logger.flush();
       })();
       return stopping;
     },
+  };
+}
+
+/**
+ * The check run every second: the store file, deleted or replaced under the running daemon, is put back from
+ * the open copy (so the CLI and the daemon keep seeing the same grants, and nothing is lost); the key file, if
+ * deleted, is written again. Said loudly once when it happens; a problem that cannot be mended is repeated
+ * every minute, not every second.
+ */
+function fileWatch(store: Store, keyFile: string, keyText: string, logger: Logger): () => void {
+  const reminder = () => {
+    let at = -Infinity;
+    const say = (event: string, fields: Record<string, unknown>) => {
+      const now = Date.now();
+      if (now - at < FILES_REMIND_MS) return;
+      at = now;
+      logger.log('error', event, fields);
+    };
+    return Object.assign(say, { reset: () => (at = -Infinity) });
+  };
+  const remind = reminder();
+  const remindKey = reminder();
+  return () => {
+    let state;
+    try {
+      state = store.fileState();
+    } catch (e) {
+      return remind('store-unreachable', { store: store.file, error: errorText(e), note: 'cannot look at the store file: the daemon keeps deciding from the file it has open' });
+    }
+    if (state !== 'ok') {
+      try {
+        const { movedAside } = store.restoreFile(Date.now());
+        const counts = store.counts(Date.now());
+        logger.log('error', 'store-restored', {
+          store: store.file,
+          was: state,
+          ...(movedAside ? { moved_aside: movedAside } : {}),
+          users: counts.users,
+          active_grants: counts.activeGrants,
+          note:
+            state === 'missing'
+              ? 'the store file was deleted while the daemon ran: it was written back from the open copy, nothing was lost'
+              : 'another file took the store\'s place while the daemon ran: it was moved aside and the store written back; to replace the store, stop the daemon first',
+        });
+        remind.reset();
+      } catch (e) {
+        if (!store.db.open) {
+          // The old copy was closed but the new one did not open: nothing left to decide from. systemd restarts us.
+          logger.log('error', 'store-lost', { store: store.file, error: errorText(e) });
+          logger.flush();
+          process.exit(1);
+        }
+        remind('store-missing', {
+          store: store.file,
+          was: state,
+          error: errorText(e),
+          note: 'the store file is gone or replaced and cannot be written back: the daemon keeps deciding from the file it has open, the CLI cannot see it',
+        });
+      }
+    }
+    if (!fs.existsSync(keyFile)) {
+      try {
+        fs.mkdirSync(path.dirname(keyFile), { recursive: true, mode: 0o750 });
+        fs.writeFileSync(keyFile, keyText, { mode: 0o600, flag: 'wx' });
+        logger.log('error', 'key-restored', { key_file: keyFile, note: 'the secrets key file was deleted while the daemon ran: it was written back' });
+        remindKey.reset();
+      } catch (e) {
+        remindKey('key-missing', { key_file: keyFile, error: errorText(e) });
+      }
+    }
   };
 }
 

@@ -122,41 +122,109 @@ const userFromRow = (r: Row): UserRow => ({
 });
 
 export interface OpenOptions {
-  /** Create the file and its directory if missing (the daemon, `db migrate`); the CLI's readers say so instead. */
+  /**
+   * Create the file (mode 0600) and its directory (0750) if missing: only `mfagate db migrate`, the daemon on
+   * its built-in defaults or with --create-store, and tests. Everywhere else a missing store is an error: an
+   * empty store where one should exist would let every user who enabled MFA in without it.
+   */
   create?: boolean;
   /** Apply pending migrations. Without it, an outdated file is an error. */
   migrate?: boolean;
 }
 
+/** Mode of the store and its -wal and -shm files: the daemon's user only, like the secrets key. */
+export const STORE_FILE_MODE = 0o600;
+
+/** The identity of a file on disk, to notice when the path no longer names the file that is open. */
+interface FileId {
+  dev: number;
+  ino: number;
+}
+
+function fileId(file: string): FileId | undefined {
+  try {
+    const st = fs.statSync(file);
+    return { dev: st.dev, ino: st.ino };
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw e;
+  }
+}
+
+const sameFile = (a: FileId | undefined, b: FileId | undefined) => a !== undefined && b !== undefined && a.dev === b.dev && a.ino === b.ino;
+
+/** What the store's path holds, compared with the file a Store has open. */
+export type FileState = 'ok' | 'missing' | 'replaced';
+
+/** The message for a store that is not there, naming what to do. */
+export function missingStoreMessage(file: string): string {
+  return (
+    `no store at ${file}. mfagate does not create an empty store where one should exist: users who enabled MFA ` +
+    `would get in without it. Check [store] path and that the file system holding it is mounted; ` +
+    `for a new installation, create it with "mfagate db migrate"`
+  );
+}
+
+/** The files SQLite keeps beside a store in WAL mode. */
+const companions = (file: string): [string, string] => [`${file}-wal`, `${file}-shm`];
+
+/**
+ * Tightens the mode of the store and its companions (older versions left them 0644), then opens the file with
+ * the daemon's pragmas. SQLite gives new -wal and -shm files the mode of the database file.
+ */
+function openDatabase(file: string, create: boolean): Database.Database {
+  if (create && !fs.existsSync(file)) {
+    fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o750 });
+    try {
+      fs.closeSync(fs.openSync(file, 'wx', STORE_FILE_MODE));
+    } catch (e) {
+      // Another process created it first: open theirs.
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+    }
+  }
+  if (!fs.existsSync(file)) throw new StoreError(missingStoreMessage(file));
+  for (const f of [file, ...companions(file)]) {
+    try {
+      const st = fs.statSync(f);
+      if ((st.mode & 0o077) !== 0) fs.chmodSync(f, st.mode & 0o700);
+    } catch {
+      /* not there, or not ours to change (a read-only file system): opening says what is wrong */
+    }
+  }
+  let db: Database.Database | undefined;
+  try {
+    db = new Database(file, { fileMustExist: true });
+    db.pragma('journal_mode = WAL');
+    db.pragma('synchronous = FULL');
+    db.pragma('busy_timeout = 5000');
+    db.pragma('foreign_keys = ON');
+    // Policy lookups touch random users across the whole file: keep the hot part in memory.
+    db.pragma('cache_size = -65536');
+  } catch (e) {
+    db?.close();
+    // SQLite's messages ("unable to open database file") do not say which file.
+    throw new StoreError(`cannot open the store ${file}: ${e instanceof Error ? e.message : String(e)}`);
+  }
+  return db;
+}
+
 export class Store implements Facts {
-  readonly db: Database.Database;
-  /** Second factors, codes, failures and locks. */
-  readonly mfa: MfaStore;
-  private readonly st;
+  private conn!: { db: Database.Database; st: Statements; mfa: MfaStore };
+  /** The file the path named when it was opened, and its -wal and -shm (SQLite deletes those by name). */
+  private opened: { main: FileId | undefined; wal: FileId | undefined; shm: FileId | undefined } = { main: undefined, wal: undefined, shm: undefined };
   /** listGrants' statements by their SQL text. */
-  private readonly listStatements = new Map<string, Database.Statement>();
+  private listStatements = new Map<string, Database.Statement>();
 
   static open(file: string, opts: OpenOptions = {}): Store {
-    const create = opts.create ?? true;
-    if (!create && !fs.existsSync(file)) {
-      throw new StoreError(`no store at ${file}: start the daemon once or run "mfagate db migrate"`);
-    }
-    if (create) fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o750 });
-    const db = new Database(file, { fileMustExist: !create });
+    const db = openDatabase(file, opts.create ?? false);
     try {
-      db.pragma('journal_mode = WAL');
-      db.pragma('synchronous = FULL');
-      db.pragma('busy_timeout = 5000');
-      db.pragma('foreign_keys = ON');
-      // Policy lookups touch random users across the whole file: keep the hot part in memory.
-      db.pragma('cache_size = -65536');
       const version = db.pragma('user_version', { simple: true }) as number;
       if (version > SCHEMA_VERSION) {
         throw new StoreError(`${file} has schema version ${version}, newer than this mfagate (${SCHEMA_VERSION}): upgrade mfagate`);
       }
       // When root runs the CLI on the daemon's store, SQLite may create the store or its -wal and -shm files
       // owned by root, and the daemon could no longer write.
-      giveToDaemonUser([file, `${file}-wal`, `${file}-shm`], [file, path.dirname(file)]);
+      giveToDaemonUser([file, ...companions(file)], [file, path.dirname(file)]);
       if (version < SCHEMA_VERSION) {
         if (opts.migrate === false) {
           throw new StoreError(`${file} has schema version ${version}, expected ${SCHEMA_VERSION}: run "mfagate db migrate"`);
@@ -175,67 +243,76 @@ export class Store implements Facts {
     /** The store's file, for messages. */
     readonly file: string,
   ) {
-    this.db = db;
-    this.mfa = new MfaStore(db);
-    this.st = {
-      user: db.prepare('SELECT name, mfa_enabled, exempt, created_at, updated_at FROM users WHERE name = ?'),
-      activeGrant: db.prepare(
-        'SELECT id, expires_at FROM grants WHERE user = ? AND block = ? AND revoked_at IS NULL AND expires_at > ? ORDER BY expires_at DESC LIMIT 1',
-      ),
-      // The decision's one question, in one statement (one snapshot, one lock round trip).
-      lookup: db.prepare(
-        `SELECT u.mfa_enabled, u.exempt, g.id AS grant_id, g.expires_at
-         FROM (SELECT ? AS name, ? AS block, ? AS now) q
-         LEFT JOIN users u ON u.name = q.name
-         LEFT JOIN grants g ON g.id = (
-           SELECT id FROM grants
-           WHERE user = q.name AND block = q.block AND revoked_at IS NULL AND expires_at > q.now
-           ORDER BY expires_at DESC LIMIT 1)`,
-      ),
-      ensureUser: db.prepare('INSERT INTO users (name, created_at, updated_at) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING'),
-      setEnabled: db.prepare('UPDATE users SET mfa_enabled = ?, updated_at = ? WHERE name = ?'),
-      setExempt: db.prepare('UPDATE users SET exempt = ?, updated_at = ? WHERE name = ?'),
-      listUsers: db.prepare('SELECT name, mfa_enabled, exempt, created_at, updated_at FROM users ORDER BY name'),
-      insertGrant: db.prepare(
-        `INSERT INTO grants (user, block, ip, created_at, expires_at, method, source, reason)
-         VALUES (@user, @block, @ip, @created_at, @expires_at, @method, @source, @reason)`,
-      ),
-      extendGrant: db.prepare('UPDATE grants SET expires_at = ?, ip = ? WHERE id = ?'),
-      grantById: db.prepare('SELECT * FROM grants WHERE id = ?'),
-      revoke: db.prepare('UPDATE grants SET revoked_at = ?, revoked_by = ?, revoke_reason = ? WHERE id = ? AND revoked_at IS NULL'),
-      audit: db.prepare(
-        'INSERT INTO audit (at, actor, action, user, ip, grant_id, detail) VALUES (?, ?, ?, ?, ?, ?, ?)',
-      ),
-      loginUpsert: db.prepare(
-        `INSERT INTO logins (user, ip, protocol, last_success_at, last_failure_at, last_policy_reject_at)
-         VALUES (@user, @ip, @protocol, @success, @failure, @reject)
-         ON CONFLICT (user, ip) DO UPDATE SET
-           protocol = excluded.protocol,
-           last_success_at = coalesce(excluded.last_success_at, last_success_at),
-           last_failure_at = coalesce(excluded.last_failure_at, last_failure_at),
-           last_policy_reject_at = coalesce(excluded.last_policy_reject_at, last_policy_reject_at)`,
-      ),
-      userExists: db.prepare('SELECT 1 FROM users WHERE name = ?'),
-      loginsOf: db.prepare('SELECT * FROM logins WHERE user = ? ORDER BY max(coalesce(last_success_at, 0), coalesce(last_failure_at, 0)) DESC LIMIT ?'),
-      auditOf: db.prepare('SELECT * FROM audit WHERE user = ? ORDER BY id DESC LIMIT ?'),
-      purgeable: db.prepare('SELECT * FROM grants WHERE expires_at <= ? OR revoked_at <= ? LIMIT ?'),
-      deleteGrant: db.prepare('DELETE FROM grants WHERE id = ?'),
-      counts: db.prepare(
-        `SELECT (SELECT count(*) FROM users) AS users,
-                (SELECT count(*) FROM users WHERE mfa_enabled = 1) AS enabled,
-                (SELECT count(*) FROM users WHERE exempt = 1) AS exempt,
-                (SELECT count(*) FROM grants WHERE revoked_at IS NULL AND expires_at > ?) AS active_grants`,
-      ),
-      statsRead: db.prepare('SELECT * FROM daemon_stats WHERE id = 1'),
-      statsStart: db.prepare(
-        `INSERT INTO daemon_stats (id, pid, started_at, updated_at) VALUES (1, ?, ?, ?)
-         ON CONFLICT (id) DO UPDATE SET pid = excluded.pid, started_at = excluded.started_at, updated_at = excluded.updated_at,
-           stopped_at = NULL, allowed = 0, refused = 0, log_only = 0, bad_requests = 0`,
-      ),
-      statsWrite: db.prepare(
-        'UPDATE daemon_stats SET updated_at = ?, allowed = ?, refused = ?, log_only = ?, bad_requests = ?, stopped_at = ? WHERE id = 1 AND pid = ?',
-      ),
-    };
+    this.attach(db);
+  }
+
+  /** The open database (the handle changes when restoreFile reopens the store: never keep it). */
+  get db(): Database.Database {
+    return this.conn.db;
+  }
+
+  /** Second factors, codes, failures and locks. */
+  get mfa(): MfaStore {
+    return this.conn.mfa;
+  }
+
+  private get st(): Statements {
+    return this.conn.st;
+  }
+
+  private attach(db: Database.Database): void {
+    this.conn = { db, st: prepareStatements(db), mfa: new MfaStore(db) };
+    this.listStatements = new Map();
+    const [wal, shm] = companions(this.file);
+    this.opened = { main: fileId(this.file), wal: fileId(wal), shm: fileId(shm) };
+  }
+
+  /**
+   * Whether the path still names the file that is open: "missing" when it was deleted (or its file system is
+   * gone), "replaced" when another file took its place. Either way every other process (the CLI) would no
+   * longer see what this one sees. Throws when the path cannot be looked at (EACCES and the like).
+   */
+  fileState(): FileState {
+    const now = fileId(this.file);
+    if (now === undefined) return 'missing';
+    return sameFile(now, this.opened.main) ? 'ok' : 'replaced';
+  }
+
+  /**
+   * Puts the open store back at its path after it was deleted or replaced, and reopens it there: a consistent
+   * copy (VACUUM INTO) is written beside it and renamed into place. A file that took the store's place is moved
+   * aside first (to `<path>.replaced-<time>`, with its own -wal and -shm), never deleted. Synchronous: no
+   * decision runs while the store changes hands. Returns where a replacing file went, if there was one.
+   */
+  restoreFile(now: number): { movedAside: string | undefined } {
+    const state = this.fileState();
+    if (state === 'ok') return { movedAside: undefined };
+    fs.mkdirSync(path.dirname(this.file), { recursive: true, mode: 0o750 });
+    let movedAside: string | undefined;
+    if (state === 'replaced') {
+      movedAside = `${this.file}.replaced-${new Date(now).toISOString().replace(/[:.]/g, '-')}`;
+      fs.renameSync(this.file, movedAside);
+      // The -wal and -shm at the path belong to the replacing file unless they are the ones opened with ours.
+      const [wal, shm] = companions(this.file);
+      for (const [f, mine] of [[wal, this.opened.wal], [shm, this.opened.shm]] as const) {
+        const id = fileId(f);
+        if (id !== undefined && !sameFile(id, mine)) fs.renameSync(f, `${movedAside}${f.slice(this.file.length)}`);
+      }
+    }
+    const tmp = `${this.file}.restoring-${process.pid}`;
+    fs.rmSync(tmp, { force: true });
+    fs.closeSync(fs.openSync(tmp, 'wx', STORE_FILE_MODE));
+    try {
+      this.conn.db.prepare('VACUUM INTO ?').run(tmp);
+    } catch (e) {
+      fs.rmSync(tmp, { force: true });
+      throw e;
+    }
+    // Closing checkpoints into the old (unlinked) file and removes the -wal and -shm it opened, by name.
+    this.conn.db.close();
+    fs.renameSync(tmp, this.file);
+    this.attach(openDatabase(this.file, false));
+    return { movedAside };
   }
 
   close(): void {
@@ -514,6 +591,70 @@ export class Store implements Facts {
   }
 }
 
+function prepareStatements(db: Database.Database) {
+  return {
+    user: db.prepare('SELECT name, mfa_enabled, exempt, created_at, updated_at FROM users WHERE name = ?'),
+    activeGrant: db.prepare(
+      'SELECT id, expires_at FROM grants WHERE user = ? AND block = ? AND revoked_at IS NULL AND expires_at > ? ORDER BY expires_at DESC LIMIT 1',
+    ),
+    // The decision's one question, in one statement (one snapshot, one lock round trip).
+    lookup: db.prepare(
+      `SELECT u.mfa_enabled, u.exempt, g.id AS grant_id, g.expires_at
+       FROM (SELECT ? AS name, ? AS block, ? AS now) q
+       LEFT JOIN users u ON u.name = q.name
+       LEFT JOIN grants g ON g.id = (
+         SELECT id FROM grants
+         WHERE user = q.name AND block = q.block AND revoked_at IS NULL AND expires_at > q.now
+         ORDER BY expires_at DESC LIMIT 1)`,
+    ),
+    ensureUser: db.prepare('INSERT INTO users (name, created_at, updated_at) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING'),
+    setEnabled: db.prepare('UPDATE users SET mfa_enabled = ?, updated_at = ? WHERE name = ?'),
+    setExempt: db.prepare('UPDATE users SET exempt = ?, updated_at = ? WHERE name = ?'),
+    listUsers: db.prepare('SELECT name, mfa_enabled, exempt, created_at, updated_at FROM users ORDER BY name'),
+    insertGrant: db.prepare(
+      `INSERT INTO grants (user, block, ip, created_at, expires_at, method, source, reason)
+       VALUES (@user, @block, @ip, @created_at, @expires_at, @method, @source, @reason)`,
+    ),
+    extendGrant: db.prepare('UPDATE grants SET expires_at = ?, ip = ? WHERE id = ?'),
+    grantById: db.prepare('SELECT * FROM grants WHERE id = ?'),
+    revoke: db.prepare('UPDATE grants SET revoked_at = ?, revoked_by = ?, revoke_reason = ? WHERE id = ? AND revoked_at IS NULL'),
+    audit: db.prepare(
+      'INSERT INTO audit (at, actor, action, user, ip, grant_id, detail) VALUES (?, ?, ?, ?, ?, ?, ?)',
+    ),
+    loginUpsert: db.prepare(
+      `INSERT INTO logins (user, ip, protocol, last_success_at, last_failure_at, last_policy_reject_at)
+       VALUES (@user, @ip, @protocol, @success, @failure, @reject)
+       ON CONFLICT (user, ip) DO UPDATE SET
+         protocol = excluded.protocol,
+         last_success_at = coalesce(excluded.last_success_at, last_success_at),
+         last_failure_at = coalesce(excluded.last_failure_at, last_failure_at),
+         last_policy_reject_at = coalesce(excluded.last_policy_reject_at, last_policy_reject_at)`,
+    ),
+    userExists: db.prepare('SELECT 1 FROM users WHERE name = ?'),
+    loginsOf: db.prepare('SELECT * FROM logins WHERE user = ? ORDER BY max(coalesce(last_success_at, 0), coalesce(last_failure_at, 0)) DESC LIMIT ?'),
+    auditOf: db.prepare('SELECT * FROM audit WHERE user = ? ORDER BY id DESC LIMIT ?'),
+    purgeable: db.prepare('SELECT * FROM grants WHERE expires_at <= ? OR revoked_at <= ? LIMIT ?'),
+    deleteGrant: db.prepare('DELETE FROM grants WHERE id = ?'),
+    counts: db.prepare(
+      `SELECT (SELECT count(*) FROM users) AS users,
+              (SELECT count(*) FROM users WHERE mfa_enabled = 1) AS enabled,
+              (SELECT count(*) FROM users WHERE exempt = 1) AS exempt,
+              (SELECT count(*) FROM grants WHERE revoked_at IS NULL AND expires_at > ?) AS active_grants`,
+    ),
+    statsRead: db.prepare('SELECT * FROM daemon_stats WHERE id = 1'),
+    statsStart: db.prepare(
+      `INSERT INTO daemon_stats (id, pid, started_at, updated_at) VALUES (1, ?, ?, ?)
+       ON CONFLICT (id) DO UPDATE SET pid = excluded.pid, started_at = excluded.started_at, updated_at = excluded.updated_at,
+         stopped_at = NULL, allowed = 0, refused = 0, log_only = 0, bad_requests = 0`,
+    ),
+    statsWrite: db.prepare(
+      'UPDATE daemon_stats SET updated_at = ?, allowed = ?, refused = ?, log_only = ?, bad_requests = ?, stopped_at = ? WHERE id = 1 AND pid = ?',
+    ),
+  };
+}
+
+type Statements = ReturnType<typeof prepareStatements>;
+
 function migrate(db: Database.Database): void {
   db.transaction(() => {
     const version = db.pragma('user_version', { simple: true }) as number;
@@ -525,17 +666,16 @@ function migrate(db: Database.Database): void {
   }).immediate();
 }
 
-/** Applies pending migrations; returns the versions before and after. */
-export function migrateFile(file: string): { from: number; to: number } {
-  fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o750 });
-  const db = new Database(file);
+/** Creates the store if it is missing and applies pending migrations; returns the versions before and after. */
+export function migrateFile(file: string): { from: number; to: number; created: boolean } {
+  const created = !fs.existsSync(file);
+  const db = openDatabase(file, true);
   try {
-    db.pragma('journal_mode = WAL');
-    db.pragma('busy_timeout = 5000');
     const from = db.pragma('user_version', { simple: true }) as number;
     if (from > SCHEMA_VERSION) throw new StoreError(`${file} has schema version ${from}, newer than this mfagate (${SCHEMA_VERSION})`);
+    giveToDaemonUser([file, ...companions(file)], [file, path.dirname(file)]);
     migrate(db);
-    return { from, to: db.pragma('user_version', { simple: true }) as number };
+    return { from, to: db.pragma('user_version', { simple: true }) as number, created };
   } finally {
     db.close();
   }

@@ -30,6 +30,8 @@ duration = "15m"
 `,
 );
 const run = (...args: string[]) => cli(['--config', configFile, ...args]);
+// A new installation: the store is created on purpose (no command creates one by accident).
+if (run('db', 'migrate').code !== 0) throw new Error('db migrate failed');
 /** The command's JSON output; when it is not JSON, an error that shows how the command ended (to explain a flake). */
 const j = <T>(r: { code: number; stdout: string; stderr: string }): T => {
   try {
@@ -40,7 +42,7 @@ const j = <T>(r: { code: number; stdout: string; stderr: string }): T => {
 };
 const IP = '203.0.113.7';
 
-// The store exists once the first command ran; the service is opened lazily, after that.
+// The service is opened lazily, after the first command made the key file.
 let service: MfaService | undefined;
 let store: Store | undefined;
 function svc(): MfaService {

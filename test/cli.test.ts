@@ -24,6 +24,22 @@ exempt_users = ["svc-backup"]
 const run = (...args: string[]) => cli(['--config', configFile, ...args]);
 const j = <T>(r: { stdout: string }): T => JSON.parse(r.stdout) as T;
 
+t.test('no store yet: every command says so and creates none; db migrate creates it', async (t) => {
+  const store = path.join(dir, 'state/mfagate.db');
+  for (const args of [['grants', 'list'], ['grants', 'revoke', '--user', 'alice'], ['users', 'enable', 'alice'], ['stats']]) {
+    const r = run(...args);
+    t.equal(r.code, 1, `${args.join(' ')}: exit 1`);
+    t.match(r.stderr, /no store at \S+state\/mfagate\.db\..*create it with "mfagate db migrate"/, `${args.join(' ')}: says what is wrong`);
+  }
+  const c = run('check', '--user', 'alice', '--ip', '203.0.113.7');
+  t.equal(c.code, 2, 'check: an error (2), not a refusal (1)');
+  t.notOk(fs.existsSync(store), 'no empty store was created');
+  const m = run('db', 'migrate');
+  t.equal(m.code, 0, m.stderr);
+  t.match(m.stdout, new RegExp(`mfagate\\.db: created, schema version ${SCHEMA_VERSION}`));
+  t.equal(fs.statSync(store).mode & 0o777, 0o600, 'the store is for the daemon\'s user only');
+});
+
 t.test('a fresh store: empty listings', async (t) => {
   const r = run('grants', 'list');
   t.equal(r.code, 0, r.stderr);
@@ -146,7 +162,7 @@ t.test('config check and db migrate', async (t) => {
   t.match(m.stdout, new RegExp(`schema version ${SCHEMA_VERSION}, up to date`));
   const fresh = path.join(dir, 'fresh.toml');
   fs.writeFileSync(fresh, '[store]\npath = "fresh.db"\n');
-  t.match(cli(["--config", fresh, "db", "migrate"]).stdout, new RegExp(`migrated from schema version 0 to ${SCHEMA_VERSION}`));
+  t.match(cli(['--config', fresh, 'db', 'migrate']).stdout, new RegExp(`created, schema version ${SCHEMA_VERSION}`));
 });
 
 t.test('a user exempt in the configuration is not required, whatever the store says', async (t) => {

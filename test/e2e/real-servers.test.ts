@@ -54,6 +54,8 @@ reject_action = "${REJECT}"
 listen = []
 `,
   );
+  // As a site installs it: create the store, set it up with the CLI, then start the daemon.
+  t.equal(mfagate('db', 'migrate').code, 0);
   t.equal(mfagate('users', 'enable', 'alice').code, 0);
   daemon = spawnDaemon(configFile);
   await daemon.ready;

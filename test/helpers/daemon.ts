@@ -48,7 +48,7 @@ export async function startInProcess(
   const config = parseConfigText(fs.readFileSync(configFile, 'utf8'), configFile);
   const logs: Record<string, unknown>[] = [];
   const logger = createLogger('debug', { write: (line) => logs.push(JSON.parse(line) as Record<string, unknown>) });
-  const daemon = await startDaemon(config, logger, o.clock ? { clock: o.clock } : {});
+  const daemon = await startDaemon(config, logger, { createStore: true, ...(o.clock ? { clock: o.clock } : {}) });
   const d = daemon.endpoints.dovecot[0];
   const p = daemon.endpoints.postfix[0];
   const unix = daemon.endpoints.api.find((e) => e.kind === 'unix');
@@ -108,9 +108,9 @@ export interface DaemonProcess {
   stop(signal?: NodeJS.Signals): Promise<number | null>;
 }
 
-/** `mfagate serve --config FILE` as a child process. */
-export function spawnDaemon(configFile: string): DaemonProcess {
-  const child = spawn(process.execPath, [CLI, 'serve', '--config', configFile], { stdio: ['ignore', 'pipe', 'pipe'] });
+/** `mfagate serve --config FILE` as a child process; `args` are added (e.g. "--create-store" for a first start). */
+export function spawnDaemon(configFile: string, args: readonly string[] = []): DaemonProcess {
+  const child = spawn(process.execPath, [CLI, 'serve', '--config', configFile, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   let text = '';
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
   const ready = new Promise<void>((resolve, reject) => {

@@ -89,7 +89,7 @@ export function mfaHarness(opts: { toml?: string; now?: number; key?: Buffer; di
   const dir = opts.dir ?? tempDir('mfagate-mfa-');
   const config = opts.toml ? parseConfigText(opts.toml, path.join(dir, 'mfagate.toml')) : loadConfig(undefined, dir);
   const dbFile = path.join(dir, 'mfagate.db');
-  const store = Store.open(dbFile);
+  const store = Store.open(dbFile, { create: true });
   const key = opts.key ?? crypto.randomBytes(32);
   const secrets = createSecrets(key);
   const mailer = new FakeMailer();

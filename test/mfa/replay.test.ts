@@ -96,7 +96,7 @@ t.test('two processes racing the same code on the same SQLite file: exactly one 
     import { MfaService } from ${url('mfa/service.js')};
     import { Store } from ${url('store/store.js')};
     const [dbFile, keyFile, dir] = process.argv.slice(1);
-    const store = Store.open(dbFile);
+    const store = Store.open(dbFile, { create: true });
     const config = loadConfig(undefined, dir);
     let now = 0;
     const svc = new MfaService({

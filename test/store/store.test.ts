@@ -17,7 +17,7 @@ const grant = (user: string, ip: string, now: number, ttlMs = HOUR) => ({ user, 
 
 t.test('a new file is created at the current schema, in WAL mode', async (t) => {
   const file = path.join(dir, 'new/sub/m.db');
-  const s = Store.open(file);
+  const s = Store.open(file, { create: true });
   t.equal(s.schemaVersion, SCHEMA_VERSION);
   t.equal(s.db.pragma('journal_mode', { simple: true }), 'wal');
   s.close();
@@ -26,11 +26,11 @@ t.test('a new file is created at the current schema, in WAL mode', async (t) => 
   const db = new Database(future);
   db.pragma('user_version = 99');
   db.close();
-  t.throws(() => Store.open(future), /schema version 99, newer than this mfagate/);
+  t.throws(() => Store.open(future, { create: true }), /schema version 99, newer than this mfagate/);
 });
 
 t.test('grants: add, extend, per-block lookup, revoke with who and why, audit', async (t) => {
-  const s = Store.open(path.join(dir, 'g.db'));
+  const s = Store.open(path.join(dir, 'g.db'), { create: true });
   t.teardown(() => s.close());
   const now = Date.now();
   const a = s.addGrant(grant('alice', '203.0.113.7', now));
@@ -55,7 +55,7 @@ t.test('grants: add, extend, per-block lookup, revoke with who and why, audit', 
 });
 
 t.test('purge deletes old grants and keeps their history in the audit log', async (t) => {
-  const s = Store.open(path.join(dir, 'p.db'));
+  const s = Store.open(path.join(dir, 'p.db'), { create: true });
   t.teardown(() => s.close());
   const now = Date.now();
   const old = s.addGrant(grant('carol', '198.51.100.1', now - 40 * 24 * HOUR)).grant;
@@ -72,12 +72,12 @@ t.test('purge deletes old grants and keeps their history in the audit log', asyn
 
 t.test('grants survive kill -9 in the middle of a stream of writes', async (t) => {
   const file = path.join(dir, 'k.db');
-  Store.open(file).close();
+  Store.open(file, { create: true }).close();
   const storeUrl = pathToFileURL(path.join(ROOT, 'dist/store/store.js')).href;
   // A writer that commits grants as fast as it can and reports each committed id.
   const script = `
     import { Store } from ${JSON.stringify(storeUrl)};
-    const s = Store.open(${JSON.stringify(file)});
+    const s = Store.open(${JSON.stringify(file)}, { create: true });
     for (let i = 0; ; i++) {
       const now = Date.now();
       const { grant } = s.addGrant({ user: 'u' + (i % 500), ip: '10.0.' + (i % 250) + '.' + (i % 200), block: 'b' + i, ttlMs: 3600000, method: 'helpdesk', source: 'test', reason: '', actor: 'test', now });
@@ -96,7 +96,7 @@ t.test('grants survive kill -9 in the middle of a stream of writes', async (t) =
   await new Promise((r) => child.once('exit', r));
   const committed = out.split('\n').filter((l) => /^\d+$/.test(l)).map(Number);
   t.ok(committed.length >= 300, `${committed.length} grants committed before the kill`);
-  const s = Store.open(file);
+  const s = Store.open(file, { create: true });
   t.teardown(() => s.close());
   t.equal(s.db.pragma('integrity_check', { simple: true }), 'ok', 'the file is intact');
   const missing = committed.filter((id) => !s.grantById(id));

@@ -70,7 +70,7 @@ smtp = "smtp://127.0.0.1:${stack.smtpPort}"
 from = "mfagate@${stack.domain}"
 `,
   );
-  daemon = spawnDaemon(configFile);
+  daemon = spawnDaemon(configFile, ['--create-store']);
   await daemon.ready;
   base = `http://127.0.0.1:${webPort}/mfa`;
   browser = await launchChromium();
