@@ -1,6 +1,9 @@
 // Dovecot auth policy (HTTP JSON): request parsing and response formatting. No I/O here.
 // Accepts Dovecot 2.3's default attribute set, the recommended one (with real_remote), and 2.4's names;
-// attributes we do not know are ignored.
+// attributes we do not know are ignored. What we use is checked strictly, because a request that cannot be
+// judged must be refused (400), never allowed by accident: a missing, empty or odd `protocol` would otherwise
+// fall outside the enforced list, and a second copy of an attribute (under the same name or an alias) could
+// decide by its order which user or address is judged.
 
 export type DovecotCommand = 'allow' | 'report';
 
@@ -15,9 +18,16 @@ export interface DovecotRequest {
 
 export type ParseResult<T> = { ok: true; value: T } | { ok: false; error: string };
 
-const str = (v: unknown): string | undefined => (typeof v === 'string' ? v : undefined);
-const bool = (v: unknown): boolean | undefined =>
-  typeof v === 'boolean' ? v : v === 'true' || v === '1' ? true : v === 'false' || v === '0' ? false : undefined;
+/** The names each attribute may come under: 2.3's recommended names first, then what 2.4 templates use. */
+const NAMES = {
+  login: ['login', 'user', 'username'],
+  remote: ['remote', 'remote_ip', 'rip'],
+  realRemote: ['real_remote', 'real_remote_ip', 'real_rip'],
+  protocol: ['protocol', 'service'],
+} as const;
+
+/** A protocol (service) name as Dovecot's %s gives it: "imap", "pop3", "smtp", "sieve", "mfagate-web". */
+const PROTOCOL_NAME = /^[a-z0-9][a-z0-9_-]{0,31}$/i;
 
 /** The `command` from the request target; absolute-form targets (Dovecot 2.4 through a proxy socket) work too. */
 export function parseTarget(target: string): ParseResult<{ path: string; command: string | undefined }> {
@@ -30,7 +40,65 @@ export function parseTarget(target: string): ParseResult<{ path: string; command
   return { ok: true, value: { path: url.pathname, command: url.searchParams.get('command') ?? undefined } };
 }
 
-export function parseDovecotBody(body: string): ParseResult<DovecotRequest> {
+/**
+ * A key that occurs twice at the top level of a JSON object text, or undefined. JSON.parse silently keeps the
+ * last copy; we refuse instead. `text` must already have parsed as a JSON object.
+ */
+export function repeatedTopLevelKey(text: string): string | undefined {
+  const seen = new Set<string>();
+  let depth = 0;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (c === 0x7b || c === 0x5b) depth++; // { [
+    else if (c === 0x7d || c === 0x5d) depth--; // } ]
+    else if (c === 0x22) {
+      // A string: find its end, skipping escapes.
+      const start = i;
+      for (i++; i < text.length; i++) {
+        const d = text.charCodeAt(i);
+        if (d === 0x5c) i++;
+        else if (d === 0x22) break;
+      }
+      if (depth !== 1) continue;
+      let j = i + 1;
+      while (j < text.length && (text.charCodeAt(j) === 0x20 || text.charCodeAt(j) === 0x09 || text.charCodeAt(j) === 0x0a || text.charCodeAt(j) === 0x0d)) j++;
+      if (text.charCodeAt(j) !== 0x3a) continue; // a value, not a key
+      const raw = text.slice(start, i + 1);
+      const key = raw.includes('\\') ? (JSON.parse(raw) as string) : raw.slice(1, -1);
+      if (seen.has(key)) return key;
+      seen.add(key);
+    }
+  }
+  return undefined;
+}
+
+type Field = { ok: true; value: string | undefined } | { ok: false; error: string };
+
+/** The one attribute among `names` that is present, as a string; two of them, or a non-string, is an error. */
+function field(o: Record<string, unknown>, names: readonly string[]): Field {
+  let found: string | undefined;
+  let value: string | undefined;
+  for (const name of names) {
+    if (!Object.hasOwn(o, name)) continue;
+    const v = o[name];
+    if (found !== undefined) return { ok: false, error: `"${found}" and "${name}" both given: send one (auth_policy_request_attributes)` };
+    if (typeof v !== 'string') return { ok: false, error: `"${name}" is not a string` };
+    found = name;
+    value = v;
+  }
+  return { ok: true, value };
+}
+
+function flag(o: Record<string, unknown>, name: string): ParseResult<boolean | undefined> {
+  if (!Object.hasOwn(o, name)) return { ok: true, value: undefined };
+  const v = o[name];
+  if (typeof v === 'boolean') return { ok: true, value: v };
+  if (v === 'true' || v === '1') return { ok: true, value: true };
+  if (v === 'false' || v === '0') return { ok: true, value: false };
+  return { ok: false, error: `"${name}" is not a boolean` };
+}
+
+export function parseDovecotBody(body: string, command: DovecotCommand = 'allow'): ParseResult<DovecotRequest> {
   let data: unknown;
   try {
     data = JSON.parse(body);
@@ -38,23 +106,35 @@ export function parseDovecotBody(body: string): ParseResult<DovecotRequest> {
     return { ok: false, error: 'body is not JSON' };
   }
   if (typeof data !== 'object' || data === null || Array.isArray(data)) return { ok: false, error: 'body is not a JSON object' };
+  const repeated = repeatedTopLevelKey(body);
+  if (repeated !== undefined) return { ok: false, error: `attribute ${JSON.stringify(repeated.slice(0, 64))} given twice` };
   const o = data as Record<string, unknown>;
-  // 2.3: login, remote, real_remote, protocol. 2.4 templates are configured by the admin; accept the usual names.
-  const login = str(o['login']) ?? str(o['user']) ?? str(o['username']);
-  const remote = str(o['remote']) ?? str(o['remote_ip']) ?? str(o['rip']);
-  const realRemote = str(o['real_remote']) ?? str(o['real_remote_ip']) ?? str(o['real_rip']);
-  const protocol = str(o['protocol']) ?? str(o['service']) ?? '';
-  if (login === undefined || login === '') return { ok: false, error: 'missing "login"' };
-  if (remote === undefined || remote === '') return { ok: false, error: 'missing "remote"' };
+  const login = field(o, NAMES.login);
+  if (!login.ok) return login;
+  if (login.value === undefined || login.value === '') return { ok: false, error: 'missing "login"' };
+  const remote = field(o, NAMES.remote);
+  if (!remote.ok) return remote;
+  if (remote.value === undefined || remote.value === '') return { ok: false, error: 'missing "remote"' };
+  const realRemote = field(o, NAMES.realRemote);
+  if (!realRemote.ok) return realRemote;
+  const protocol = field(o, NAMES.protocol);
+  if (!protocol.ok) return protocol;
+  if (protocol.value === undefined || protocol.value === '') return { ok: false, error: 'missing "protocol"' };
+  if (!PROTOCOL_NAME.test(protocol.value)) return { ok: false, error: `"protocol" is not a protocol name: ${JSON.stringify(protocol.value.slice(0, 40))}` };
+  const success = flag(o, 'success');
+  if (!success.ok) return success;
+  const policyReject = flag(o, 'policy_reject');
+  if (!policyReject.ok) return policyReject;
+  if (command === 'report' && success.value === undefined) return { ok: false, error: 'report without "success"' };
   return {
     ok: true,
     value: {
-      login,
-      remote,
-      realRemote: realRemote === '' ? undefined : realRemote,
-      protocol,
-      success: bool(o['success']),
-      policyReject: bool(o['policy_reject']),
+      login: login.value,
+      remote: remote.value,
+      realRemote: realRemote.value === '' ? undefined : realRemote.value,
+      protocol: protocol.value,
+      success: success.value,
+      policyReject: policyReject.value,
     },
   };
 }

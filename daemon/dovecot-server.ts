@@ -75,7 +75,7 @@ export function createDovecotServer(service: PolicyService): http.Server {
     req.on('error', () => req.destroy());
     req.on('end', () => {
       if (tooBig) return;
-      const parsed = parseDovecotBody(Buffer.concat(chunks).toString('utf8'));
+      const parsed = parseDovecotBody(Buffer.concat(chunks).toString('utf8'), command);
       if (!parsed.ok) return fail(400, parsed.error);
       const r = parsed.value;
       if (command === 'report') {
@@ -84,6 +84,7 @@ export function createDovecotServer(service: PolicyService): http.Server {
         return send(200, '{}');
       }
       const outcome = service.check({ endpoint: 'dovecot', login: r.login, remote: r.remote, realRemote: r.realRemote, protocol: r.protocol });
+      // Refused by the service (and logged there): with auth_policy_reject_on_fail = yes, Dovecot refuses the login.
       if (!outcome.ok) return send(400, JSON.stringify({ error: outcome.error }));
       send(200, outcome.decision.allow ? allowBody() : refuseBody(outcome.message));
     });

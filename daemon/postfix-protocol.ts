@@ -52,8 +52,11 @@ export class PostfixParser {
       const eq = line.indexOf('=');
       if (eq <= 0) throw new PolicyProtocolError('attribute line without "name="');
       const name = line.slice(0, eq);
-      // A repeated name keeps the first value: a later copy cannot override sasl_username.
-      if (!this.attrs.has(name)) this.attrs.set(name, line.slice(eq + 1));
+      // Postfix sends each attribute once. A second copy (of sasl_username, client_address, anything) is not
+      // resolved by its order: the request is refused and the connection closed, so Postfix applies its
+      // default_action (a temporary refusal) instead of a decision about the wrong user or address.
+      if (this.attrs.has(name)) throw new PolicyProtocolError(`attribute ${JSON.stringify(name.slice(0, 64))} given twice in one request`);
+      this.attrs.set(name, line.slice(eq + 1));
     }
     data = data.slice(start);
     if (data.length > this.limits.maxLineLength) {

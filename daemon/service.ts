@@ -55,6 +55,8 @@ export class PolicyService {
     const address = parseAddress(input.remote);
     if (!address) return this.bad(input, 'remote address is not an IP address');
     const realAddress = input.realRemote !== undefined ? parseAddress(input.realRemote) : undefined;
+    // A real_remote that is there but not an address would silently skip the webmail rule: refuse to judge.
+    if (input.realRemote !== undefined && !realAddress) return this.bad(input, 'real_remote address is not an IP address');
     const protocol = input.protocol.toLowerCase();
     const now = this.clock();
     const decision = decide(this.settings, { user, address, realAddress, protocol, now }, this.store);

@@ -1,6 +1,6 @@
 // Parsing and formatting for both endpoints, including hostile input (no sockets here; see endpoints.test.ts).
 import t from 'tap';
-import { allowBody, parseDovecotBody, parseTarget, refuseBody } from '../../daemon/dovecot-protocol.js';
+import { allowBody, parseDovecotBody, parseTarget, refuseBody, repeatedTopLevelKey } from '../../daemon/dovecot-protocol.js';
 import { PolicyProtocolError, PostfixParser, formatReply } from '../../daemon/postfix-protocol.js';
 
 t.test('Dovecot: the bodies a real 2.3 sends', async (t) => {
@@ -24,15 +24,48 @@ t.test('Dovecot: hostile and broken bodies', async (t) => {
     ['{"remote":"1.2.3.4"}', /missing "login"/],
     ['{"login":"","remote":"1.2.3.4"}', /missing "login"/],
     ['{"login":"alice"}', /missing "remote"/],
-    ['{"login":5,"remote":"1.2.3.4"}', /missing "login"/],
-    ['{"login":"a","remote":["1.2.3.4"]}', /missing "remote"/],
-    ['{"__proto__":{"login":"x"},"remote":"1.2.3.4"}', /missing "login"/],
+    ['{"login":5,"remote":"1.2.3.4","protocol":"imap"}', /"login" is not a string/],
+    ['{"login":"a","remote":["1.2.3.4"],"protocol":"imap"}', /"remote" is not a string/],
+    ['{"__proto__":{"login":"x"},"remote":"1.2.3.4","protocol":"imap"}', /missing "login"/],
+    // A request that cannot be judged is refused (400), never let through as an unenforced protocol.
+    ['{"login":"alice","remote":"1.2.3.4"}', /missing "protocol"/],
+    ['{"login":"alice","remote":"1.2.3.4","protocol":""}', /missing "protocol"/],
+    ['{"login":"alice","remote":"1.2.3.4","protocol":"imap "}', /"protocol" is not a protocol name/],
+    ['{"login":"alice","remote":"1.2.3.4","protocol":" imap"}', /"protocol" is not a protocol name/],
+    ['{"login":"alice","remote":"1.2.3.4","protocol":"im\\nap"}', /"protocol" is not a protocol name/],
+    ['{"login":"alice","remote":"1.2.3.4","protocol":5}', /"protocol" is not a string/],
+    ['{"login":"alice","remote":"1.2.3.4","protocol":{"x":"imap"}}', /"protocol" is not a string/],
+    // No fallback from a bad value to another name, and no choosing between two names.
+    ['{"login":"alice","remote":5,"rip":"1.2.3.4","protocol":"imap"}', /"remote" is not a string/],
+    ['{"login":{"x":1},"user":"alice","remote":"1.2.3.4","protocol":"imap"}', /"login" is not a string/],
+    ['{"login":"alice","user":"bob","remote":"1.2.3.4","protocol":"imap"}', /"login" and "user" both given/],
+    ['{"login":"alice","remote":"1.2.3.4","remote_ip":"5.6.7.8","protocol":"imap"}', /"remote" and "remote_ip" both given/],
+    ['{"login":"alice","remote":"1.2.3.4","protocol":"imap","service":"pop3"}', /"protocol" and "service" both given/],
+    ['{"login":"alice","remote":"1.2.3.4","real_remote":7,"protocol":"imap"}', /"real_remote" is not a string/],
+    // The same name twice: JSON.parse would keep the last.
+    ['{"login":"admin","login":"alice","remote":"1.2.3.4","protocol":"imap"}', /attribute "login" given twice/],
+    ['{"login":"alice","remote":"1.2.3.4","protocol":"imap","protocol":"x-none"}', /attribute "protocol" given twice/],
+    ['{"login":"alice","remote":"1.2.3.4","protocol":"imap","success":"maybe"}', /"success" is not a boolean/],
   ];
   for (const [body, re] of bad) {
     const r = parseDovecotBody(body);
     t.equal(r.ok, false, body);
     if (!r.ok) t.match(r.error, re, body);
   }
+  const report = parseDovecotBody('{"login":"alice","remote":"1.2.3.4","protocol":"imap"}', 'report');
+  t.match(report, { ok: false, error: /report without "success"/ });
+  // Keys inside nested values or strings are not top-level repeats.
+  const nested = parseDovecotBody('{"a":{"login":"x"},"b":["login","login"],"login":"alice","note":"\\"login\\":1","remote":"1.2.3.4","protocol":"imap"}');
+  t.equal(nested.ok && nested.value.login, 'alice');
+});
+
+t.test('Dovecot: repeated top-level keys, found by a scanner of the JSON text', async (t) => {
+  t.equal(repeatedTopLevelKey('{"a":1,"b":2}'), undefined);
+  t.equal(repeatedTopLevelKey('{"a":1,"a":2}'), 'a');
+  t.equal(repeatedTopLevelKey('{ "a" : 1 , "b":{"a":2}, "c":"a", "a" :3}'), 'a');
+  t.equal(repeatedTopLevelKey('{"\\u0061":1,"a":2}'), 'a', 'escapes are decoded before comparing');
+  t.equal(repeatedTopLevelKey('{"x\\"y":1,"z":"\\\\","x\\"y":2}'), 'x"y');
+  t.equal(repeatedTopLevelKey('{"a":[{"b":1},{"b":2}],"b":3}'), undefined);
 });
 
 t.test('Dovecot: request targets, origin and absolute form', async (t) => {
@@ -100,9 +133,13 @@ t.test('Postfix: a real 3.7 request, whole and byte by byte', async (t) => {
   t.equal(val[0]?.get('sender'), 'a=b@x', 'only the first "=" splits');
 });
 
-t.test('Postfix: repeated names keep the first value', async (t) => {
-  const r = new PostfixParser().push('sasl_username=alice\nsasl_username=admin\n\n');
-  t.equal(r[0]?.get('sasl_username'), 'alice');
+t.test('Postfix: a repeated name is refused, not resolved by its order', async (t) => {
+  for (const name of ['sasl_username', 'client_address', 'recipient']) {
+    t.throws(() => new PostfixParser().push(`${name}=a\nhelo_name=x\n${name}=b\n\n`), /given twice in one request/, name);
+  }
+  t.throws(() => new PostfixParser().push('sasl_username=alice\nsasl_username=admin\n\n'), /"sasl_username" given twice/);
+  const two = new PostfixParser().push('sasl_username=alice\n\nsasl_username=bob\n\n');
+  t.same(two.map((r) => r.get('sasl_username')), ['alice', 'bob'], 'the same name in two requests is fine');
 });
 
 t.test('Postfix: stray empty lines are not requests', async (t) => {
