@@ -296,6 +296,9 @@ function checkQuery(route: ApiRoute, query: URLSearchParams): void {
 
 const clip = (s: string, n = 128) => (s.length > n ? `${s.slice(0, n)}...` : s);
 
+/** Statuses of requests turned away before any action: their log lines are counted when they repeat. */
+const UNJUDGED = new Set([400, 401, 404, 405, 413, 415]);
+
 export function createApiServer(mfa: MfaService, opts: ApiServerOptions): http.Server {
   const { logger, maxBodyBytes } = opts;
 
@@ -397,7 +400,10 @@ export function createApiServer(mfa: MfaService, opts: ApiServerOptions): http.S
       if (closeAfter) res.once('finish', () => req.destroy());
     }
     const ms = Number(process.hrtime.bigint() - started) / 1e6;
-    logger.log(level, 'api', { route: routeName, ...fields, status, ms: Math.round(ms * 100) / 100 });
+    const line = { route: routeName, ...fields, status, ms: Math.round(ms * 100) / 100 };
+    // Requests that never reached an action (no token, no such route, a malformed body) can come in floods.
+    if (UNJUDGED.has(status)) logger.repeated(level, 'api', `${routeName} ${status} ${String(fields['error'])} ${req.socket.remoteAddress ?? 'unix'}`, line);
+    else logger.log(level, 'api', line);
   };
 
   const server = http.createServer({ keepAlive: true }, (req, res) => {
@@ -415,7 +421,8 @@ export function createApiServer(mfa: MfaService, opts: ApiServerOptions): http.S
   server.requestTimeout = 30_000;
   server.maxHeadersCount = 100;
   server.on('clientError', (err, socket) => {
-    logger.log('warn', 'api', { route: 'unknown', status: 400, error: 'bad-request', detail: `malformed HTTP: ${err.message}` });
+    const detail = `malformed HTTP: ${err.message}`;
+    logger.repeated('warn', 'api', `clientError ${detail}`, { route: 'unknown', status: 400, error: 'bad-request', detail });
     if (socket.writable) socket.end('HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n');
     else socket.destroy();
   });

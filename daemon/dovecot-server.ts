@@ -1,6 +1,7 @@
 // The Dovecot auth-policy endpoint: HTTP/1.1 with keep-alive. Thin: parse, ask the service, format.
 import crypto from 'node:crypto';
 import http from 'node:http';
+import type net from 'node:net';
 import { allowBody, parseDovecotBody, parseTarget, refuseBody } from './dovecot-protocol.js';
 import type { PolicyService } from './service.js';
 
@@ -38,7 +39,8 @@ export function createDovecotServer(service: PolicyService): http.Server {
     };
     const fail = (status: number, error: string, drain = true) => {
       service.counters.badRequests++;
-      service.logger.log('warn', 'bad-request', { endpoint: 'dovecot', status, error, peer: req.socket.remoteAddress });
+      const peer = req.socket.remoteAddress;
+      service.logger.repeated('warn', 'bad-request', `dovecot ${peer ?? ''} ${status} ${error}`, { endpoint: 'dovecot', status, error, peer });
       if (!drain) res.setHeader('connection', 'close');
       send(status, JSON.stringify({ error }));
       if (!drain) req.destroy();
@@ -96,7 +98,9 @@ export function createDovecotServer(service: PolicyService): http.Server {
   server.maxHeadersCount = 100;
   server.on('clientError', (err, socket) => {
     service.counters.badRequests++;
-    service.logger.log('warn', 'bad-request', { endpoint: 'dovecot', error: `malformed HTTP: ${err.message}` });
+    const error = `malformed HTTP: ${err.message}`;
+    const peer = 'remoteAddress' in socket ? (socket as net.Socket).remoteAddress : undefined;
+    service.logger.repeated('warn', 'bad-request', `dovecot ${peer ?? ''} ${error}`, { endpoint: 'dovecot', error, peer });
     if (socket.writable) socket.end('HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n');
     else socket.destroy();
   });

@@ -28,11 +28,8 @@ export function createPostfixServer(service: PolicyService): PostfixServer {
         requests = parser.push(chunk);
       } catch (e) {
         service.counters.badRequests++;
-        service.logger.log('warn', 'bad-request', {
-          endpoint: 'postfix',
-          error: e instanceof PolicyProtocolError ? e.message : errorText(e),
-          action: 'connection closed',
-        });
+        const error = e instanceof PolicyProtocolError ? e.message : errorText(e);
+        service.logger.repeated('warn', 'bad-request', `postfix ${error}`, { endpoint: 'postfix', error, action: 'connection closed' });
         socket.destroy();
         return;
       }

@@ -102,7 +102,7 @@ export class PolicyService {
 
   private bad(input: CheckInput, error: string): CheckOutcome {
     this.counters.badRequests++;
-    this.logger.log('warn', 'bad-request', { endpoint: input.endpoint, error, protocol: input.protocol });
+    this.logger.repeated('warn', 'bad-request', `${input.endpoint} ${error}`, { endpoint: input.endpoint, error, protocol: input.protocol });
     return { ok: false, error };
   }
 }
