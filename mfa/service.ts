@@ -176,18 +176,27 @@ export class MfaService {
 
   // ---- lockout ---------------------------------------------------------------------------------------------
 
-  /** Refuses when the user is locked or the client address has failed too often across users. */
+  /**
+   * The address block an address limit counts under: the IPv4 address, the IPv6 /64 ([grants] prefixes), as
+   * grants are held. Counting exact IPv6 addresses would give anyone with one /64 unlimited tries.
+   */
+  limitBlock(ip: string): string {
+    const a = parseAddress(ip);
+    return a ? blockOf(a, policySettings(this.config).prefixes) : ip;
+  }
+
+  /** Refuses when the user is locked or the client's address block has failed too often across users. */
   private checkLimits(user: string, ip: string, now: number): void {
     const until = this.mfa.lockedUntil(user);
     if (until !== undefined && until > now) throw new MfaError('locked', undefined, until - now);
     const { windowMs, ipMaxFailures } = this.config.lockout;
-    if (this.mfa.failuresOfIp(ip, now - windowMs) >= ipMaxFailures) throw new MfaError('rate-limited', 'too many failed attempts from this address: try again later', windowMs);
+    if (this.mfa.failuresOfBlock(this.limitBlock(ip), now - windowMs) >= ipMaxFailures) throw new MfaError('rate-limited', 'too many failed attempts from this address: try again later', windowMs);
   }
 
   /** Records a failure (inside the caller's transaction) and locks the user when the limit is reached. */
   private fail(user: string, ip: string, method: string, now: number): MfaError {
     const { maxFailures, windowMs, durationMs } = this.config.lockout;
-    this.mfa.addFailure(user, ip, method, now);
+    this.mfa.addFailure(user, ip, this.limitBlock(ip), method, now);
     this.audit('factor-fail', user, ip, { method });
     if (this.mfa.failuresOfUser(user, now - windowMs) >= maxFailures) {
       this.d.store.ensureUser(user, now);
@@ -225,22 +234,23 @@ export class MfaService {
   // ---- checking a factor -----------------------------------------------------------------------------------
 
   /**
-   * Checks a code and consumes it. Throws factor-failed (and counts the failure) when it is wrong.
-   * Runs inside one immediate transaction: two racing requests with the same code cannot both pass.
+   * Checks a code, consumes it, and runs `then`, all in one immediate transaction: two racing requests with the
+   * same code cannot both pass, and what a passed factor buys (a grant, a change) commits together with the
+   * code being used up, or neither does, so a crash in between cannot spend a code for nothing. Throws
+   * factor-failed (and counts the failure) when the code is wrong.
    */
-  private consume(user: string, ip: string, proof: Proof, now: number): void {
-    const run = this.d.store.db.transaction((): MfaError | undefined => {
+  private consumeThen<T>(user: string, ip: string, proof: Proof, now: number, then: () => T): T {
+    const run = this.d.store.db.transaction((): { err: MfaError } | { value: T } => {
       this.checkLimits(user, ip, now);
       const ok = this.tryConsume(user, proof, now);
-      if (ok) {
-        this.mfa.clearFailures(user);
-        return undefined;
-      }
-      return this.fail(user, ip, proof.method, now);
+      if (!ok) return { err: this.fail(user, ip, proof.method, now) };
+      this.mfa.clearFailures(user);
+      return { value: then() };
     });
     // The failure is recorded in the committed transaction; only then is it thrown.
-    const err = this.attempt(user, ip, proof.method, () => run.immediate());
-    if (err) throw err;
+    const r = this.attempt(user, ip, proof.method, () => run.immediate());
+    if ('err' in r) throw r.err;
+    return r.value;
   }
 
   private tryConsume(user: string, proof: Proof, now: number): boolean {
@@ -282,11 +292,21 @@ export class MfaService {
 
   /** Once a user has a factor, changing factors needs a passed one (first registration trusts the password). */
   private requireProofIfRegistered(user: string, ip: string, rawProof: unknown, now: number): void {
-    if (!this.hasFactor(user)) return;
+    this.changeWithProof(user, ip, rawProof, now, () => undefined);
+  }
+
+  /**
+   * A change that needs the proof once a factor is registered: the code is used up and the change made in one
+   * transaction (without a factor, the change alone runs in one).
+   */
+  private changeWithProof<T>(user: string, ip: string, rawProof: unknown, now: number, change: () => T): T {
+    if (!this.hasFactor(user)) return this.d.store.db.transaction(change).immediate();
     const proof = this.parseProof(rawProof);
     if (!proof) throw new MfaError('proof-required');
-    this.consume(user, ip, proof, now);
-    this.audit('factor-pass', user, ip, { method: proof.method, for: 'change' });
+    return this.consumeThen(user, ip, proof, now, () => {
+      this.audit('factor-pass', user, ip, { method: proof.method, for: 'change' });
+      return change();
+    });
   }
 
   // ---- verify: the factor that creates a grant -------------------------------------------------------------
@@ -297,20 +317,22 @@ export class MfaService {
     const address = parseAddress(ip);
     if (!address) throw new MfaError('bad-request', 'ip: not an IP address');
     const now = this.clock();
-    this.consume(user, ip, proof, now);
     const config = this.config;
-    const { grant } = this.d.store.addGrant({
-      user,
-      ip,
-      block: blockOf(address, policySettings(config).prefixes),
-      ttlMs: config.grants.ttlMs,
-      method: proof.method,
-      source: 'api',
-      reason: '',
-      actor: 'api',
-      now,
+    const grant = this.consumeThen(user, ip, proof, now, () => {
+      const { grant } = this.d.store.addGrant({
+        user,
+        ip,
+        block: blockOf(address, policySettings(config).prefixes),
+        ttlMs: config.grants.ttlMs,
+        method: proof.method,
+        source: 'api',
+        reason: '',
+        actor: 'api',
+        now,
+      });
+      this.audit('factor-pass', user, ip, { method: proof.method }, grant.id);
+      return grant;
     });
-    this.audit('factor-pass', user, ip, { method: proof.method }, grant.id);
     this.d.logger.log('info', 'mfa-passed', { user, ip, method: proof.method, grant: grant.id, block: grant.block });
     const f = this.mfa.factors(user);
     if (config.mail.notify && f?.email) {
@@ -326,16 +348,13 @@ export class MfaService {
 
   async totpBegin(user: string, ip: string, rawProof: unknown): Promise<{ secret: string; uri: string; qr_svg: string }> {
     const now = this.clock();
-    this.requireProofIfRegistered(user, ip, rawProof, now);
     const secret = newSecret();
     const uri = otpauthUri(this.config.totp.issuer, user, secret);
-    this.d.store.db
-      .transaction(() => {
-        this.d.store.ensureUser(user, now);
-        this.mfa.updateFactors(user, { totp_pending: this.d.secrets.encrypt(Buffer.from(secret), `totp-pending:${user}`), totp_pending_at: now }, now);
-        this.audit('totp-begin', user, ip);
-      })
-      .immediate();
+    this.changeWithProof(user, ip, rawProof, now, () => {
+      this.d.store.ensureUser(user, now);
+      this.mfa.updateFactors(user, { totp_pending: this.d.secrets.encrypt(Buffer.from(secret), `totp-pending:${user}`), totp_pending_at: now }, now);
+      this.audit('totp-begin', user, ip);
+    });
     const qr_svg = await QRCode.toString(uri, { type: 'svg', errorCorrectionLevel: 'M', margin: 2 });
     return { secret, uri, qr_svg };
   }
@@ -378,13 +397,10 @@ export class MfaService {
     const f = this.mfa.factors(user);
     if (!f?.totpSecret) throw new MfaError('not-registered');
     this.guardLastFactor(user, f.email === null);
-    this.requireProofIfRegistered(user, ip, rawProof, now);
-    this.d.store.db
-      .transaction(() => {
-        this.mfa.updateFactors(user, { totp_secret: null, totp_confirmed_at: null, totp_last_step: null, totp_pending: null, totp_pending_at: null }, now);
-        this.audit('totp-remove', user, ip);
-      })
-      .immediate();
+    this.changeWithProof(user, ip, rawProof, now, () => {
+      this.mfa.updateFactors(user, { totp_secret: null, totp_confirmed_at: null, totp_last_step: null, totp_pending: null, totp_pending_at: null }, now);
+      this.audit('totp-remove', user, ip);
+    });
   }
 
   private guardLastFactor(user: string, isLast: boolean): void {
@@ -474,15 +490,12 @@ export class MfaService {
     const f = this.mfa.factors(user);
     if (!f?.email && !f?.emailPending) throw new MfaError('not-registered');
     this.guardLastFactor(user, f.email !== null && f.totpSecret === null);
-    this.requireProofIfRegistered(user, ip, rawProof, now);
-    this.d.store.db
-      .transaction(() => {
-        this.mfa.updateFactors(user, { email: null, email_verified_at: null, email_pending: null }, now);
-        this.mfa.voidCodes(user, 'login', now);
-        this.mfa.voidCodes(user, 'verify', now);
-        this.audit('email-remove', user, ip);
-      })
-      .immediate();
+    this.changeWithProof(user, ip, rawProof, now, () => {
+      this.mfa.updateFactors(user, { email: null, email_verified_at: null, email_pending: null }, now);
+      this.mfa.voidCodes(user, 'login', now);
+      this.mfa.voidCodes(user, 'verify', now);
+      this.audit('email-remove', user, ip);
+    });
   }
 
   /** Sends a login code to the registered address: one a minute, five an hour, the newest voids the older. */
@@ -534,18 +547,15 @@ export class MfaService {
   backupGenerate(user: string, ip: string, rawProof: unknown): { codes: string[] } {
     const now = this.clock();
     if (!this.hasFactor(user)) throw new MfaError('no-factor', 'register the app or an external address first');
-    this.requireProofIfRegistered(user, ip, rawProof, now);
     const codes = Array.from({ length: BACKUP_COUNT }, () => {
       let s = '';
       for (let i = 0; i < 10; i++) s += BACKUP_ALPHABET[crypto.randomInt(BACKUP_ALPHABET.length)];
       return `${s.slice(0, 5)}-${s.slice(5)}`;
     });
-    this.d.store.db
-      .transaction(() => {
-        this.mfa.replaceBackupCodes(user, codes.map((c) => this.d.secrets.hashCode(user, normaliseBackup(c))), now);
-        this.audit('backup-generate', user, ip, { count: codes.length });
-      })
-      .immediate();
+    this.changeWithProof(user, ip, rawProof, now, () => {
+      this.mfa.replaceBackupCodes(user, codes.map((c) => this.d.secrets.hashCode(user, normaliseBackup(c))), now);
+      this.audit('backup-generate', user, ip, { count: codes.length });
+    });
     return { codes };
   }
 
@@ -561,9 +571,10 @@ export class MfaService {
     const proof = this.parseProof(rawProof);
     if (!proof) throw new MfaError('proof-required');
     const now = this.clock();
-    this.consume(user, ip, proof, now);
-    this.audit('factor-pass', user, ip, { method: proof.method, for: 'change' });
-    this.d.store.setUserFlag(user, 'mfa_enabled', false, 'api', now, `from ${ip}`);
+    this.consumeThen(user, ip, proof, now, () => {
+      this.audit('factor-pass', user, ip, { method: proof.method, for: 'change' });
+      this.d.store.setUserFlag(user, 'mfa_enabled', false, 'api', now, `from ${ip}`);
+    });
     return { mfa_enabled: false };
   }
 

@@ -78,9 +78,9 @@ export class MfaStore {
       insertBackup: db.prepare('INSERT INTO backup_codes (user, code_hash, created_at) VALUES (?, ?, ?)'),
       backupLeft: db.prepare('SELECT count(*) AS n FROM backup_codes WHERE user = ? AND used_at IS NULL'),
       useBackup: db.prepare('UPDATE backup_codes SET used_at = ? WHERE user = ? AND code_hash = ? AND used_at IS NULL'),
-      insertFailure: db.prepare('INSERT INTO failures (user, ip, method, at) VALUES (?, ?, ?, ?)'),
+      insertFailure: db.prepare('INSERT INTO failures (user, ip, block, method, at) VALUES (?, ?, ?, ?, ?)'),
       failuresOfUser: db.prepare('SELECT count(*) AS n FROM failures WHERE user = ? AND at > ?'),
-      failuresOfIp: db.prepare('SELECT count(*) AS n FROM failures WHERE ip = ? AND at > ?'),
+      failuresOfBlock: db.prepare('SELECT count(*) AS n FROM failures WHERE block = ? AND at > ?'),
       clearFailures: db.prepare('DELETE FROM failures WHERE user = ?'),
       purgeFailures: db.prepare('DELETE FROM failures WHERE at <= ?'),
       lockedUntil: db.prepare('SELECT locked_until FROM users WHERE name = ?'),
@@ -165,16 +165,17 @@ export class MfaStore {
     return this.st.useBackup.run(now, user, hash).changes === 1;
   }
 
-  addFailure(user: string, ip: string, method: string, now: number): void {
-    this.st.insertFailure.run(user, ip, method, now);
+  /** A failed attempt from `ip`, counted for the address limit under its `block` (see policy/address.ts blockOf). */
+  addFailure(user: string, ip: string, block: string, method: string, now: number): void {
+    this.st.insertFailure.run(user, ip, block, method, now);
   }
 
   failuresOfUser(user: string, since: number): number {
     return (this.st.failuresOfUser.get(user, since) as { n: number }).n;
   }
 
-  failuresOfIp(ip: string, since: number): number {
-    return (this.st.failuresOfIp.get(ip, since) as { n: number }).n;
+  failuresOfBlock(block: string, since: number): number {
+    return (this.st.failuresOfBlock.get(block, since) as { n: number }).n;
   }
 
   clearFailures(user: string): void {

@@ -119,6 +119,17 @@ export const MIGRATIONS: readonly { version: number; name: string; sql: string }
       CREATE INDEX failures_ip ON failures (ip, at);
     `,
   },
+  {
+    version: 3,
+    name: 'failed attempts counted per address block (the IPv4 address, the IPv6 /64), as grants are held',
+    sql: `
+      ALTER TABLE failures ADD COLUMN block TEXT NOT NULL DEFAULT '';
+      -- Older rows name an address; as a block it is exact (IPv4 /32). They expire within a day.
+      UPDATE failures SET block = ip;
+      DROP INDEX failures_ip;
+      CREATE INDEX failures_block ON failures (block, at);
+    `,
+  },
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]?.version ?? 0;

@@ -160,7 +160,7 @@ t.test('a per-address limit across users: guessing many users from one address i
   }
   t.match(err, { code: 'rate-limited', status: 429 }, 'the right code of another user is refused from that address');
   t.equal(await errorCode(() => h.svc.verify('new-name', attacker, WRONG)), 'rate-limited', 'guessed names too');
-  t.equal(h.store.mfa.failuresOfIp(attacker, 0), 6, 'refused attempts are not recorded as more failures');
+  t.equal(h.store.mfa.failuresOfBlock(attacker, 0), 6, 'refused attempts are not recorded as more failures');
   const g = await h.svc.verify('u4', '198.51.100.4', { method: 'totp', code: h.totp(secrets.get('u4') ?? '') });
   t.equal(g.ip, '198.51.100.4', 'another address is not affected');
   h.advance(15 * MINUTE);
