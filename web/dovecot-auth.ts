@@ -94,6 +94,11 @@ export type DovecotAuthResult =
       reason: string;
       /** Dovecot's code= (e.g. "user_disabled", "pass_expired", "temp_fail"), or "nologin", "proxy". */
       code?: string;
+      /**
+       * The user Dovecot resolved the name to (its user=, after auth_username_format), when it said: failures
+       * are counted under it too, so "alice@x.example" and "alice@y.example" cannot each start afresh.
+       */
+      user?: string;
     };
 
 // ---- tab-escaping (Dovecot's str_append_tabescaped / str_tabunescape) ----------------------------------------
@@ -224,6 +229,8 @@ function interpret(kind: 'OK' | 'FAIL', args: string[]): DovecotAuthResult {
       reason: reason ?? (temporary ? 'temporary authentication failure in Dovecot' : 'Dovecot refused the user name and password'),
     };
     if (code !== undefined) failure.code = code;
+    const user = values.get('user');
+    if (user !== undefined && user !== '') failure.user = user;
     return failure;
   }
   // OK: the mechanism succeeded. Refuse the answers that do not mean "this password is this user's".

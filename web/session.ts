@@ -1,6 +1,8 @@
 // Sessions of the MFA page, held in memory: an opaque random id in an HttpOnly cookie, a CSRF token per
 // session, an idle timeout and an absolute lifetime. A restart signs everyone out, which costs a user one
-// sign-in and keeps no session secret on disk. The id is replaced at sign-in (no fixation).
+// sign-in and keeps no session secret on disk. A session is made only once the password is right (the sign-in
+// form needs no server state, see signin-guard.ts), so loading pages cannot push anyone out; each user holds at
+// most a few, so one account signing in again and again cannot either.
 import crypto from 'node:crypto';
 
 export type Notice = { kind: 'ok' | 'error' | 'info'; text: string };
@@ -8,8 +10,8 @@ export type Notice = { kind: 'ok' | 'error' | 'info'; text: string };
 export interface Session {
   readonly id: string;
   readonly csrf: string;
-  /** The signed-in user, or undefined before sign-in. */
-  user: string | undefined;
+  /** The signed-in user: sessions exist only after a right password (see signin-guard.ts for before). */
+  readonly user: string;
   createdAt: number;
   lastSeen: number;
   /** Messages for the next page shown (post/redirect/get). */
@@ -25,10 +27,10 @@ export interface Session {
 export interface SessionOptions {
   idleMs: () => number;
   maxAgeMs: number;
-  /** At most this many signed-in sessions; the least recently used go first. */
+  /** At most this many sessions; the least recently used go first. */
   max: number;
-  /** At most this many sessions before sign-in (each page load of the sign-in page makes one). */
-  maxAnonymous: number;
+  /** At most this many sessions per user; the user's least recently used goes first. */
+  maxPerUser: number;
   clock: () => number;
 }
 
@@ -39,35 +41,38 @@ export function newToken(): string {
 }
 
 export class SessionStore {
-  /**
-   * Sessions before sign-in and signed-in sessions are kept apart, each with its own cap: a flood of anonymous
-   * page loads can only push out other anonymous sessions, never sign a user out. Map order is the eviction
-   * order (least recently used first).
-   */
-  private readonly anonymous = new Map<string, Session>();
-  private readonly signedIn = new Map<string, Session>();
+  /** Map order is the eviction order (least recently used first). */
+  private readonly sessions = new Map<string, Session>();
+  /** Each user's session ids, least recently used first: one account signing in again and again only ends its own. */
+  private readonly byUser = new Map<string, Set<string>>();
 
   constructor(private readonly o: SessionOptions) {}
 
   get size(): number {
-    return this.anonymous.size + this.signedIn.size;
+    return this.sessions.size;
   }
 
-  private mapOf(s: Session): Map<string, Session> {
-    return s.user === undefined ? this.anonymous : this.signedIn;
+  /** How many sessions the user has. */
+  countOf(user: string): number {
+    return this.byUser.get(user)?.size ?? 0;
   }
 
   /** The live session with this id, touched; undefined when unknown or expired (an expired one is dropped). */
   get(id: string | undefined): Session | undefined {
     if (id === undefined || !/^[A-Za-z0-9_-]{43}$/.test(id)) return undefined;
-    const s = this.signedIn.get(id) ?? this.anonymous.get(id);
+    const s = this.sessions.get(id);
     if (!s) return undefined;
-    const map = this.mapOf(s);
     const now = this.o.clock();
-    map.delete(id);
-    if (this.expired(s, now)) return undefined;
+    if (this.expired(s, now)) {
+      this.destroy(id);
+      return undefined;
+    }
     s.lastSeen = now;
-    map.set(id, s);
+    this.sessions.delete(id);
+    this.sessions.set(id, s);
+    const mine = this.byUser.get(s.user);
+    mine?.delete(id);
+    mine?.add(id);
     return s;
   }
 
@@ -75,41 +80,46 @@ export class SessionStore {
     return now - s.lastSeen >= this.o.idleMs() || now - s.createdAt >= this.o.maxAgeMs;
   }
 
-  create(user?: string, notices: Notice[] = []): Session {
+  /** Sign-in: a new session, with a new id and CSRF token, for the user (an old one, if given, ends). */
+  signIn(old: Session | undefined, user: string): Session {
+    if (old) this.destroy(old.id);
     const now = this.o.clock();
-    const s: Session = { id: newToken(), csrf: newToken(), user, createdAt: now, lastSeen: now, notices };
-    const map = this.mapOf(s);
-    map.set(s.id, s);
-    const cap = user === undefined ? this.o.maxAnonymous : this.o.max;
-    while (map.size > cap) {
-      const oldest = map.keys().next();
-      if (oldest.done) break;
-      map.delete(oldest.value);
+    const s: Session = { id: newToken(), csrf: newToken(), user, createdAt: now, lastSeen: now, notices: [] };
+    this.sessions.set(s.id, s);
+    let mine = this.byUser.get(user);
+    if (!mine) {
+      mine = new Set();
+      this.byUser.set(user, mine);
+    }
+    mine.add(s.id);
+    for (const id of mine) {
+      if (mine.size <= this.o.maxPerUser) break;
+      this.destroy(id);
+    }
+    for (const id of this.sessions.keys()) {
+      if (this.sessions.size <= this.o.max) break;
+      this.destroy(id);
     }
     return s;
   }
 
-  /** Sign-in: the old session ends and a new one, with a new id and CSRF token, belongs to the user. */
-  signIn(old: Session | undefined, user: string): Session {
-    if (old) this.destroy(old.id);
-    return this.create(user);
-  }
-
   destroy(id: string): void {
-    this.anonymous.delete(id);
-    this.signedIn.delete(id);
+    const s = this.sessions.get(id);
+    if (!s) return;
+    this.sessions.delete(id);
+    const mine = this.byUser.get(s.user);
+    mine?.delete(id);
+    if (mine?.size === 0) this.byUser.delete(s.user);
   }
 
   /** Drops every expired session (run from a timer). */
   sweep(): number {
     const now = this.o.clock();
     let n = 0;
-    for (const map of [this.anonymous, this.signedIn]) {
-      for (const [id, s] of map) {
-        if (this.expired(s, now)) {
-          map.delete(id);
-          n++;
-        }
+    for (const [id, s] of this.sessions) {
+      if (this.expired(s, now)) {
+        this.destroy(id);
+        n++;
       }
     }
     return n;

@@ -16,6 +16,7 @@ import {
   htmlLang,
   innerHtml,
   notices,
+  csrfOf,
   startWeb,
   textOf,
   wrongCode,
@@ -52,16 +53,21 @@ t.test('security headers and cookie flags', async (t) => {
     t.equal(r.headers['cache-control'], 'no-store');
     t.notOk(/<script/i.test(r.body), 'no script on the page');
 
-    const sc = cookieSet(r, 'mfagate_session');
-    t.ok(sc, 'a session cookie is set');
-    t.match(sc?.value ?? '', /^[A-Za-z0-9_-]{43}$/, 'an opaque 256-bit id');
+    t.equal(cookieSet(r, 'mfagate_session'), undefined, 'no session before the password is right');
+    const sc = cookieSet(r, 'mfagate_pre');
+    t.ok(sc, "the sign-in form's nonce cookie is set");
+    t.match(sc?.value ?? '', /^[A-Za-z0-9_-]{43}$/, 'an opaque 256-bit nonce');
     t.ok(sc?.attrs.has('httponly'), 'HttpOnly');
     t.equal(sc?.attrs.get('samesite'), 'Strict', 'SameSite=Strict');
     t.equal(sc?.attrs.get('path'), '/', 'Path=/');
     t.equal(sc?.attrs.has('secure'), secure, secure ? 'Secure when secure_cookie = true' : 'no Secure when secure_cookie = false');
     t.notOk(sc?.attrs.has('max-age') || sc?.attrs.has('expires'), 'a browser-session cookie');
-    t.notOk(r.body.includes(sc?.value ?? '<none>'), 'the session id is not in the page');
-    t.ok(c.csrf && c.csrf !== sc?.value, 'the CSRF token in the form is not the session id');
+    t.notOk(r.body.includes(sc?.value ?? '<none>'), 'the nonce is not in the page');
+    t.ok(c.csrf && c.csrf !== sc?.value, 'the CSRF token in the form is not the nonce');
+    t.equal(w.web.sessions.size, 0, 'loading the page kept nothing on the server');
+    const again = await c.get('/');
+    t.equal(cookieSet(again, 'mfagate_pre'), undefined, 'a browser that has the nonce keeps it (several tabs share it)');
+    t.equal(c.csrf, csrfOf(again.body), 'and gets the same token');
 
     // Every other kind of response carries the headers too.
     for (const [what, res] of [
@@ -80,13 +86,13 @@ t.test('security headers and cookie flags', async (t) => {
   }
 });
 
-t.test('CSRF: a form post needs the session and its token', async (t) => {
+t.test('CSRF: the sign-in post needs the nonce cookie and its token; signed-in posts the session and its token', async (t) => {
   const w = await rig(t);
   const c = w.client();
   await c.get('/');
-  const sid = c.session;
+  const nonce = c.jar.get('mfagate_pre');
   const token = c.csrf ?? '';
-  t.ok(sid && token, 'a session and a token from the sign-in page');
+  t.ok(nonce && token, 'a nonce and a token from the sign-in page');
 
   const creds = { user: 'alice', password: 'alice-pw' };
   let r = await c.post('/signin', creds, { csrf: null });
@@ -101,13 +107,18 @@ t.test('CSRF: a form post needs the session and its token', async (t) => {
   const other = w.client();
   await other.get('/');
   r = await c.post('/signin', creds, { csrf: other.csrf ?? '' });
-  t.equal(r.status, 403, "another session's token");
+  t.equal(r.status, 403, "another browser's token");
+  // A cookie planted by someone else (a sibling host can set cookies) comes without a token that matches it.
+  const planted = w.client();
+  planted.jar.set('mfagate_pre', 'B'.repeat(43));
+  r = await planted.post('/signin', creds, { csrf: token });
+  t.equal(r.status, 403, 'a planted nonce with a token made for another');
   t.equal(w.auth.calls.length, 0, 'the password was never checked');
-  t.equal(c.session, sid, 'the session id did not change');
+  t.equal(c.session, undefined, 'no session was made');
   t.ok(isSignInPage((await c.get('/')).body), 'still signed out');
   t.ok(w.h.lines.some((l) => l.includes('"web-csrf"')), 'the refusal is logged');
 
-  // No session cookie at all (a forged cross-site post, or the page kept open across a restart).
+  // No nonce cookie at all (a forged cross-site post, or cookies refused).
   const fresh = w.client();
   r = await fresh.post('/signin', creds, { csrf: token });
   t.equal(r.status, 303, 'no session: back to the start');
@@ -120,6 +131,11 @@ t.test('CSRF: a form post needs the session and its token', async (t) => {
   // The right token does work (so the refusals above are about the token).
   r = await c.post('/signin', creds);
   t.equal(r.status, 303, 'the right token signs in');
+  t.ok(c.session, 'a session now');
+  // Signed in, a post needs the session's own token: the sign-in token is not it.
+  r = await c.post('/signout', {}, { csrf: token });
+  t.equal(r.status, 403, "the sign-in form's token does not work for the session");
+  t.ok(hasId((await c.get('/')).body, 'network-status'), 'still signed in');
 });
 
 t.test('sign-in: wrong password, right password with a new session id, temporary failure', async (t) => {
@@ -131,8 +147,9 @@ t.test('sign-in: wrong password, right password with a new session id, temporary
   t.equal(textOf(r.body, 'signin-password-error'), en.errRequired);
   t.equal(w.auth.calls.length, 0, 'not sent to Dovecot');
 
-  const pre = c.session;
+  const pre = c.jar.get('mfagate_pre');
   const preCsrf = c.csrf;
+  t.equal(c.session, undefined, 'no session before the sign-in');
   r = await c.signIn('alice', 'Wr0ng-Secret-pw');
   t.equal(r.status, 401, 'a wrong password');
   t.equal(textOf(r.body, 'signin-password-error'), en.errBadPassword, 'the error is next to the password field');
@@ -148,7 +165,7 @@ t.test('sign-in: wrong password, right password with a new session id, temporary
   t.equal(r.location, '/');
   const post = cookieSet(r, 'mfagate_session');
   t.ok(post, 'a session cookie is set at sign-in');
-  t.not(post?.value, pre, 'a NEW session id (no fixation)');
+  t.not(post?.value, pre, 'a new random session id, not the nonce (no fixation)');
   t.equal(c.session, post?.value);
   const home = await c.get('/');
   t.equal(home.status, 200);
@@ -156,10 +173,10 @@ t.test('sign-in: wrong password, right password with a new session id, temporary
   t.ok(home.body.includes(en.signedInAs('alice')), 'signed in as alice');
   t.notOk(hasId(home.body, 'signin'), 'no sign-in form');
 
-  // The session id from before the sign-in signs nobody in.
+  // The nonce from before the sign-in is no session id.
   const old = w.client();
   old.jar.set('mfagate_session', pre ?? '');
-  t.ok(isSignInPage((await old.get('/')).body), 'the old id is not signed in');
+  t.ok(isSignInPage((await old.get('/')).body), 'the nonce as a session id signs nobody in');
   // Nor does the old CSRF token work with the new session.
   r = await c.post('/signout', {}, { csrf: preCsrf ?? '' });
   t.equal(r.status, 403, 'the token from before the sign-in is void');
@@ -465,7 +482,7 @@ t.test('base_path = "/mfa"', async (t) => {
   r = await c.get('/mfa/');
   t.equal(r.status, 200);
   t.ok(isSignInPage(r.body));
-  t.equal(cookieSet(r, 'mfagate_session')?.attrs.get('path'), '/mfa', 'the cookie is for /mfa only');
+  t.equal(cookieSet(r, 'mfagate_pre')?.attrs.get('path'), '/mfa', 'the cookie is for /mfa only');
   const actions = formActions(r.body);
   t.ok(actions.length > 0 && actions.every((a) => a.startsWith('/mfa/')), `form actions under /mfa/: ${actions.join(' ')}`);
   t.match(r.body, /<link rel="stylesheet" href="\/mfa\/style\.css">/, 'the style sheet under /mfa/');
