@@ -80,18 +80,12 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
   const clock = opts.clock ?? Date.now;
   const store = Store.open(config.store.path, { create: opts.createStore === true || config.file === undefined, migrate: true });
   const pid = process.pid;
-  try {
-    // The daemon writes the store (grants, reports, failures): find out now, before binding anything.
-    store.daemonStarted(pid, Date.now());
-  } catch (e) {
-    store.close();
-    throw new StoreError(`the store ${config.store.path} cannot be written (${errorText(e)}): the daemon must write it; check the file, its directory and the free space`);
-  }
   const service = new PolicyService(config, store, logger, clock);
   const bound: { server: net.Server; endpoint: Endpoint }[] = [];
   const endpoints: Daemon['endpoints'] = { dovecot: [], postfix: [], api: [], web: [] };
   const webs: WebServer[] = [];
   const timers: NodeJS.Timeout[] = [];
+  let statsStarted = false;
   let mailer: Mailer | undefined;
   let mfa: MfaService;
   let apiToken: string | undefined;
@@ -147,6 +141,15 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
       endpoints.web.push(real);
       webs.push(web);
     }
+    // The daemon writes the store (grants, reports, failures): a store it cannot write stops the start here.
+    // Only now, once every listener is bound: a second copy started by mistake fails on its ports first and
+    // so never takes over the running daemon's statistics.
+    try {
+      store.daemonStarted(pid, Date.now());
+      statsStarted = true;
+    } catch (e) {
+      throw new StoreError(`the store ${config.store.path} cannot be written (${errorText(e)}): the daemon must write it; check the file, its directory and the free space`);
+    }
 
     const every = (ms: number, fn: () => void) => {
       const t = setInterval(() => {
@@ -180,10 +183,12 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
     for (const t of timers) clearInterval(t);
     await Promise.all(bound.map((b) => closeServer(b.server, b.endpoint)));
     mailer?.close();
-    try {
-      store.writeDaemonStats(pid, Date.now(), service.counters, Date.now());
-    } catch {
-      /* the reason we stop is reported by the caller */
+    if (statsStarted) {
+      try {
+        store.writeDaemonStats(pid, Date.now(), service.counters, Date.now());
+      } catch {
+        /* the reason the start failed is what the caller reports */
+      }
     }
     store.close();
     throw e;

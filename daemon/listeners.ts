@@ -31,7 +31,11 @@ export async function listenOn(server: net.Server, endpoint: Endpoint, mode?: nu
     if (st) {
       if (!st.isSocket()) throw new ListenError(`${endpoint.path} exists and is not a socket: refusing to replace it`);
       if (await socketInUse(endpoint.path)) throw new ListenError(`${endpoint.path} is in use by another process`);
-      fs.unlinkSync(endpoint.path);
+      try {
+        fs.unlinkSync(endpoint.path);
+      } catch (e) {
+        throw new ListenError(`cannot remove the stale socket ${endpoint.path} to listen there: ${(e as Error).message}`);
+      }
     }
   }
   await new Promise<void>((resolve, reject) => {

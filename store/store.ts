@@ -2,11 +2,14 @@
 // WAL, statements prepared once, every writing transaction BEGIN IMMEDIATE, schema migrations on open.
 import fs from 'node:fs';
 import path from 'node:path';
-import Database from 'better-sqlite3';
+import type Database from 'better-sqlite3';
 import type { Facts, GrantFacts, LookupResult } from '../policy/decide.js';
 import { MfaStore } from './mfa-store.js';
 import { giveToDaemonUser } from './ownership.js';
 import { MIGRATIONS, SCHEMA_VERSION } from './migrations.js';
+import { type FileState, OpenedFile, StoreError, companions, openDatabase } from './sqlite-file.js';
+
+export { type FileState, STORE_FILE_MODE, StoreError, missingStoreMessage } from './sqlite-file.js';
 
 export interface UserRow {
   name: string;
@@ -92,9 +95,6 @@ export interface GrantFilter {
   limit?: number | undefined;
 }
 
-export class StoreError extends Error {
-  override name = 'StoreError';
-}
 
 type Row = Record<string, unknown>;
 
@@ -132,86 +132,10 @@ export interface OpenOptions {
   migrate?: boolean;
 }
 
-/** Mode of the store and its -wal and -shm files: the daemon's user only, like the secrets key. */
-export const STORE_FILE_MODE = 0o600;
-
-/** The identity of a file on disk, to notice when the path no longer names the file that is open. */
-interface FileId {
-  dev: number;
-  ino: number;
-}
-
-function fileId(file: string): FileId | undefined {
-  try {
-    const st = fs.statSync(file);
-    return { dev: st.dev, ino: st.ino };
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-    throw e;
-  }
-}
-
-const sameFile = (a: FileId | undefined, b: FileId | undefined) => a !== undefined && b !== undefined && a.dev === b.dev && a.ino === b.ino;
-
-/** What the store's path holds, compared with the file a Store has open. */
-export type FileState = 'ok' | 'missing' | 'replaced';
-
-/** The message for a store that is not there, naming what to do. */
-export function missingStoreMessage(file: string): string {
-  return (
-    `no store at ${file}. mfagate does not create an empty store where one should exist: users who enabled MFA ` +
-    `would get in without it. Check [store] path and that the file system holding it is mounted; ` +
-    `for a new installation, create it with "mfagate db migrate"`
-  );
-}
-
-/** The files SQLite keeps beside a store in WAL mode. */
-const companions = (file: string): [string, string] => [`${file}-wal`, `${file}-shm`];
-
-/**
- * Tightens the mode of the store and its companions (older versions left them 0644), then opens the file with
- * the daemon's pragmas. SQLite gives new -wal and -shm files the mode of the database file.
- */
-function openDatabase(file: string, create: boolean): Database.Database {
-  if (create && !fs.existsSync(file)) {
-    fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o750 });
-    try {
-      fs.closeSync(fs.openSync(file, 'wx', STORE_FILE_MODE));
-    } catch (e) {
-      // Another process created it first: open theirs.
-      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
-    }
-  }
-  if (!fs.existsSync(file)) throw new StoreError(missingStoreMessage(file));
-  for (const f of [file, ...companions(file)]) {
-    try {
-      const st = fs.statSync(f);
-      if ((st.mode & 0o077) !== 0) fs.chmodSync(f, st.mode & 0o700);
-    } catch {
-      /* not there, or not ours to change (a read-only file system): opening says what is wrong */
-    }
-  }
-  let db: Database.Database | undefined;
-  try {
-    db = new Database(file, { fileMustExist: true });
-    db.pragma('journal_mode = WAL');
-    db.pragma('synchronous = FULL');
-    db.pragma('busy_timeout = 5000');
-    db.pragma('foreign_keys = ON');
-    // Policy lookups touch random users across the whole file: keep the hot part in memory.
-    db.pragma('cache_size = -65536');
-  } catch (e) {
-    db?.close();
-    // SQLite's messages ("unable to open database file") do not say which file.
-    throw new StoreError(`cannot open the store ${file}: ${e instanceof Error ? e.message : String(e)}`);
-  }
-  return db;
-}
-
 export class Store implements Facts {
   private conn!: { db: Database.Database; st: Statements; mfa: MfaStore };
-  /** The file the path named when it was opened, and its -wal and -shm (SQLite deletes those by name). */
-  private opened: { main: FileId | undefined; wal: FileId | undefined; shm: FileId | undefined } = { main: undefined, wal: undefined, shm: undefined };
+  /** Which file the path named when it was opened. */
+  private opened!: OpenedFile;
   /** listGrants' statements by their SQL text. */
   private listStatements = new Map<string, Database.Statement>();
 
@@ -263,55 +187,22 @@ export class Store implements Facts {
   private attach(db: Database.Database): void {
     this.conn = { db, st: prepareStatements(db), mfa: new MfaStore(db) };
     this.listStatements = new Map();
-    const [wal, shm] = companions(this.file);
-    this.opened = { main: fileId(this.file), wal: fileId(wal), shm: fileId(shm) };
+    this.opened = new OpenedFile(this.file);
   }
 
-  /**
-   * Whether the path still names the file that is open: "missing" when it was deleted (or its file system is
-   * gone), "replaced" when another file took its place. Either way every other process (the CLI) would no
-   * longer see what this one sees. Throws when the path cannot be looked at (EACCES and the like).
-   */
+  /** Whether the path still names the file that is open (see OpenedFile.state). */
   fileState(): FileState {
-    const now = fileId(this.file);
-    if (now === undefined) return 'missing';
-    return sameFile(now, this.opened.main) ? 'ok' : 'replaced';
+    return this.opened.state();
   }
 
   /**
-   * Puts the open store back at its path after it was deleted or replaced, and reopens it there: a consistent
-   * copy (VACUUM INTO) is written beside it and renamed into place. A file that took the store's place is moved
-   * aside first (to `<path>.replaced-<time>`, with its own -wal and -shm), never deleted. Synchronous: no
-   * decision runs while the store changes hands. Returns where a replacing file went, if there was one.
+   * Puts the open store back at its path after it was deleted or replaced, and reopens it there (see
+   * OpenedFile.restore). Returns where a replacing file went, if there was one.
    */
   restoreFile(now: number): { movedAside: string | undefined } {
-    const state = this.fileState();
-    if (state === 'ok') return { movedAside: undefined };
-    fs.mkdirSync(path.dirname(this.file), { recursive: true, mode: 0o750 });
-    let movedAside: string | undefined;
-    if (state === 'replaced') {
-      movedAside = `${this.file}.replaced-${new Date(now).toISOString().replace(/[:.]/g, '-')}`;
-      fs.renameSync(this.file, movedAside);
-      // The -wal and -shm at the path belong to the replacing file unless they are the ones opened with ours.
-      const [wal, shm] = companions(this.file);
-      for (const [f, mine] of [[wal, this.opened.wal], [shm, this.opened.shm]] as const) {
-        const id = fileId(f);
-        if (id !== undefined && !sameFile(id, mine)) fs.renameSync(f, `${movedAside}${f.slice(this.file.length)}`);
-      }
-    }
-    const tmp = `${this.file}.restoring-${process.pid}`;
-    fs.rmSync(tmp, { force: true });
-    fs.closeSync(fs.openSync(tmp, 'wx', STORE_FILE_MODE));
-    try {
-      this.conn.db.prepare('VACUUM INTO ?').run(tmp);
-    } catch (e) {
-      fs.rmSync(tmp, { force: true });
-      throw e;
-    }
-    // Closing checkpoints into the old (unlinked) file and removes the -wal and -shm it opened, by name.
-    this.conn.db.close();
-    fs.renameSync(tmp, this.file);
-    this.attach(openDatabase(this.file, false));
+    if (this.opened.state() === 'ok') return { movedAside: undefined };
+    const { db, movedAside } = this.opened.restore(this.conn.db, now);
+    this.attach(db);
     return { movedAside };
   }
 

@@ -1,7 +1,7 @@
 // The store under the running daemon going wrong, for real (issue 8, items 3 and 4, and the file modes):
 //   - a store that cannot be written at start (an immutable file, a full file system, a read-only mount): the
 //     daemon used to print an error but stay up half-started (answering, no timers, killed by the next SIGHUP);
-//     now it exits non-zero with the reason, having bound nothing;
+//     now it exits non-zero with the reason, and closes what it had bound;
 //   - the store deleted or replaced under the running daemon: it kept deciding from the deleted file while the
 //     CLI made a new empty one (so a revoke did nothing); now the daemon notices within a second, says so, and
 //     writes the store back from its open copy (a replacing file is moved aside);
@@ -38,15 +38,17 @@ function tmpfs(t: Test, size: string): string {
   return dir;
 }
 
-/** A config in `dir` whose store and key are under `dir/state`; returns the file. */
-async function configIn(dir: string): Promise<string> {
+/** A config in `dir` whose store and key are under `dir/state`; the sockets are elsewhere. Returns the file. */
+async function configIn(t: Test, dir: string): Promise<string> {
   const file = path.join(dir, 'mfagate.toml');
   const port = await freePort();
+  const sockets = tempDir('mfagate-sockets-');
+  t.teardown(() => fs.rmSync(sockets, { recursive: true, force: true }));
   fs.writeFileSync(
     file,
     mergeSections(
       `[store]\npath = "state/mfagate.db"\n[secrets]\nkey_file = "state/secret.key"\n[dovecot]\nlisten = ["127.0.0.1:${port}"]\n` +
-        `[postfix]\nlisten = ["unix:${path.join(dir, 'policy.sock')}"]\n[api]\nlisten = ["unix:${path.join(dir, 'api.sock')}"]\n[web]\nlisten = []\n`,
+        `[postfix]\nlisten = ["unix:${path.join(sockets, 'policy.sock')}"]\n[api]\nlisten = ["unix:${path.join(sockets, 'api.sock')}"]\n[web]\nlisten = []\n`,
     ),
   );
   return file;
@@ -75,7 +77,7 @@ const refused = (port: number) =>
   });
 const cliIn = (configFile: string, ...args: string[]) => cli(['--config', configFile, ...args]);
 
-t.test('a store that cannot be written at start: the daemon exits with the reason, binding nothing', async (t) => {
+t.test('a store that cannot be written at start: the daemon exits with the reason, leaving nothing bound', async (t) => {
   const cases: [string, (dir: string, store: string) => void, RegExp][] = [
     ['an immutable store file', (_dir, store) => sh('chattr', '+i', store), /cannot be written \(attempt to write a readonly database\)/],
     [
@@ -91,7 +93,7 @@ t.test('a store that cannot be written at start: the daemon exits with the reaso
   ];
   for (const [what, breakIt, reason] of cases) {
     const dir = tmpfs(t, '2m');
-    const configFile = await configIn(dir);
+    const configFile = await configIn(t, dir);
     const store = path.join(dir, 'state/mfagate.db');
     t.equal(cliIn(configFile, 'db', 'migrate').code, 0, `${what}: the store exists`);
     t.equal(cliIn(configFile, 'users', 'enable', 'alice').code, 0);
@@ -117,8 +119,13 @@ t.test('a writable store: the daemon starts completely, runs its timers and relo
   d.daemon.child.kill('SIGHUP');
   await d.waitForLog((l) => l['event'] === 'reloaded');
   t.equal(d.daemon.child.exitCode, null, 'still running after SIGHUP');
-  const stats = JSON.parse(d.cli('stats', '--json').stdout) as { daemon: { running: boolean } | null };
-  t.match(stats.daemon, { running: true }, 'its stats reach the store');
+  const stats = () => (JSON.parse(d.cli('stats', '--json').stdout) as { daemon: { pid: number; running: boolean } | null }).daemon;
+  t.match(stats(), { running: true, pid: d.daemon.child.pid }, 'its stats reach the store');
+  // A second copy started by mistake fails on the ports the first one holds, and leaves the first alone.
+  const second = await startAndWait(d.configFile);
+  t.ok(second.exited && second.code !== 0, 'a second copy exits', { output: second.output.slice(-1000) });
+  t.match(second.output, /mfagate: cannot start: cannot listen on 127\.0\.0\.1:\d+/, 'saying why');
+  t.match(stats(), { running: true, pid: d.daemon.child.pid }, "the running daemon's stats are untouched");
 });
 
 let d: Served;
