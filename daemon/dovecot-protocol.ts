@@ -40,36 +40,56 @@ export function parseTarget(target: string): ParseResult<{ path: string; command
   return { ok: true, value: { path: url.pathname, command: url.searchParams.get('command') ?? undefined } };
 }
 
-/**
- * A key that occurs twice at the top level of a JSON object text, or undefined. JSON.parse silently keeps the
- * last copy; we refuse instead. `text` must already have parsed as a JSON object.
- */
-export function repeatedTopLevelKey(text: string): string | undefined {
-  const seen = new Set<string>();
+/** Where the string that starts at the quote `open` ends (its closing quote), skipping escaped quotes. */
+function stringEnd(text: string, open: number): number {
+  let j = text.indexOf('"', open + 1);
+  for (;;) {
+    if (j < 0) return text.length;
+    let backslashes = 0;
+    while (text.charCodeAt(j - 1 - backslashes) === 0x5c) backslashes++;
+    if (backslashes % 2 === 0) return j;
+    j = text.indexOf('"', j + 1);
+  }
+}
+
+/** Calls `key(start, end)` for each top-level key of a JSON object text (the quotes included). */
+function eachTopLevelKey(text: string, key: (start: number, end: number) => void): void {
   let depth = 0;
   for (let i = 0; i < text.length; i++) {
     const c = text.charCodeAt(i);
-    if (c === 0x7b || c === 0x5b) depth++; // { [
-    else if (c === 0x7d || c === 0x5d) depth--; // } ]
-    else if (c === 0x22) {
-      // A string: find its end, skipping escapes.
-      const start = i;
-      for (i++; i < text.length; i++) {
-        const d = text.charCodeAt(i);
-        if (d === 0x5c) i++;
-        else if (d === 0x22) break;
+    if (c === 0x22) {
+      const end = stringEnd(text, i);
+      if (depth === 1) {
+        let j = end + 1;
+        for (let d = text.charCodeAt(j); d === 0x20 || d === 0x09 || d === 0x0a || d === 0x0d; d = text.charCodeAt(++j));
+        // A string followed by ":" is a key; otherwise a value.
+        if (text.charCodeAt(j) === 0x3a) key(i, end);
       }
-      if (depth !== 1) continue;
-      let j = i + 1;
-      while (j < text.length && (text.charCodeAt(j) === 0x20 || text.charCodeAt(j) === 0x09 || text.charCodeAt(j) === 0x0a || text.charCodeAt(j) === 0x0d)) j++;
-      if (text.charCodeAt(j) !== 0x3a) continue; // a value, not a key
-      const raw = text.slice(start, i + 1);
-      const key = raw.includes('\\') ? (JSON.parse(raw) as string) : raw.slice(1, -1);
-      if (seen.has(key)) return key;
-      seen.add(key);
-    }
+      i = end;
+    } else if (c === 0x7b || c === 0x5b) depth++; // { [
+    else if (c === 0x7d || c === 0x5d) depth--; // } ]
   }
-  return undefined;
+}
+
+/**
+ * A key that occurs twice at the top level of a JSON object text, or undefined. JSON.parse silently keeps the
+ * last copy; we refuse instead. `text` must already have parsed as a JSON object, to `parsed`: the keys are
+ * counted first (no strings made), and named only when there are more than the object has.
+ */
+export function repeatedTopLevelKey(text: string, parsed: Record<string, unknown> = JSON.parse(text) as Record<string, unknown>): string | undefined {
+  let count = 0;
+  eachTopLevelKey(text, () => count++);
+  if (count === Object.keys(parsed).length) return undefined;
+  const seen = new Set<string>();
+  let repeated: string | undefined;
+  eachTopLevelKey(text, (start, end) => {
+    if (repeated !== undefined) return;
+    const raw = text.slice(start, end + 1);
+    const name = raw.includes('\\') ? (JSON.parse(raw) as string) : raw.slice(1, -1);
+    if (seen.has(name)) repeated = name;
+    seen.add(name);
+  });
+  return repeated;
 }
 
 type Field = { ok: true; value: string | undefined } | { ok: false; error: string };
@@ -106,9 +126,9 @@ export function parseDovecotBody(body: string, command: DovecotCommand = 'allow'
     return { ok: false, error: 'body is not JSON' };
   }
   if (typeof data !== 'object' || data === null || Array.isArray(data)) return { ok: false, error: 'body is not a JSON object' };
-  const repeated = repeatedTopLevelKey(body);
-  if (repeated !== undefined) return { ok: false, error: `attribute ${JSON.stringify(repeated.slice(0, 64))} given twice` };
   const o = data as Record<string, unknown>;
+  const repeated = repeatedTopLevelKey(body, o);
+  if (repeated !== undefined) return { ok: false, error: `attribute ${JSON.stringify(repeated.slice(0, 64))} given twice` };
   const login = field(o, NAMES.login);
   if (!login.ok) return login;
   if (login.value === undefined || login.value === '') return { ok: false, error: 'missing "login"' };
