@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import { Command, CommanderError } from 'commander';
 import QRCode from 'qrcode';
-import { type Config, ConfigError, loadConfig, locateConfig, policySettings } from '../config/config.js';
+import { type Config, ConfigError, blockPrefixes, loadConfig, locateConfig, policySettings } from '../config/config.js';
 import { formatDuration, parseDuration, DURATION_EXPECTED } from '../config/duration.js';
 import { formatEndpoint } from '../config/listen.js';
 import { type Daemon, StartError, startDaemon } from '../daemon/daemon.js';
@@ -233,7 +233,7 @@ export function buildProgram(): Command {
     .action((o: { user?: string; ip?: string; all?: boolean; json?: boolean }, cmd: Command) => {
       const config = configOf(cmd);
       const user = o.user !== undefined ? userArg(config, o.user) : undefined;
-      const block = o.ip !== undefined ? blockOf(ipArg(o.ip), policySettings(config).prefixes) : undefined;
+      const block = o.ip !== undefined ? blockOf(ipArg(o.ip), blockPrefixes(config)) : undefined;
       const now = Date.now();
       const rows = withStore(config, (s) => s.listGrants({ user, block, all: o.all === true, now }));
       if (o.json) return json(rows.map((g) => grantJson(g, now)));
@@ -258,7 +258,7 @@ export function buildProgram(): Command {
         s.addGrant({
           user,
           ip: addr.toString(),
-          block: blockOf(addr, policySettings(config).prefixes),
+          block: blockOf(addr, blockPrefixes(config)),
           ttlMs,
           method: 'helpdesk',
           source: 'cli',
@@ -288,7 +288,7 @@ export function buildProgram(): Command {
       }
       const id = o.id !== undefined ? idArg(o.id) : undefined;
       const user = o.user !== undefined ? userArg(config, o.user) : undefined;
-      const block = o.ip !== undefined ? blockOf(ipArg(o.ip), policySettings(config).prefixes) : undefined;
+      const block = o.ip !== undefined ? blockOf(ipArg(o.ip), blockPrefixes(config)) : undefined;
       const now = Date.now();
       const revoked = withStore(config, (s) => s.revokeGrants({ id, user, block }, actor(), o.reason, now));
       if (o.json) return json(revoked.map((g) => grantJson(g, now)));

@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { parse as parseToml, TomlDate, TomlError } from 'smol-toml';
 import { z } from 'zod';
-import { parseCidr, RangeList } from '../policy/address.js';
+import { type BlockPrefixes, parseCidr, RangeList } from '../policy/address.js';
 import type { PolicySettings } from '../policy/decide.js';
 import type { UserNameRules } from '../policy/user.js';
 import { normaliseUser } from '../policy/user.js';
@@ -347,6 +347,11 @@ function fromRaw(raw: RawConfig, file: string | undefined, baseDir: string): Con
   return config;
 }
 
+/** The address block a grant (and an address limit) covers: the IPv4 prefix and the IPv6 prefix. */
+export function blockPrefixes(config: Config): BlockPrefixes {
+  return { ipv4: config.grants.ipv4Prefix, ipv6: config.grants.ipv6Prefix };
+}
+
 export function policySettings(config: Config): PolicySettings {
   return {
     mode: config.enforcement.mode,
@@ -356,7 +361,7 @@ export function policySettings(config: Config): PolicySettings {
     trusted: new RangeList(config.networks.trusted),
     untrusted: new RangeList(config.networks.untrusted),
     webmail: new RangeList(config.networks.webmail),
-    prefixes: { ipv4: config.grants.ipv4Prefix, ipv6: config.grants.ipv6Prefix },
+    prefixes: blockPrefixes(config),
   };
 }
 

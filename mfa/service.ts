@@ -3,7 +3,7 @@
 // (a TOTP time step used once, an e-mailed code used once) runs inside one BEGIN IMMEDIATE transaction.
 import crypto from 'node:crypto';
 import type { Config } from '../config/config.js';
-import { policySettings } from '../config/config.js';
+import { blockPrefixes, policySettings } from '../config/config.js';
 import { blockOf, parseAddress } from '../policy/address.js';
 import { decide, mfaRequired } from '../policy/decide.js';
 import { describeRule } from '../policy/rules.js';
@@ -182,7 +182,7 @@ export class MfaService {
    */
   limitBlock(ip: string): string {
     const a = parseAddress(ip);
-    return a ? blockOf(a, policySettings(this.config).prefixes) : ip;
+    return a ? blockOf(a, blockPrefixes(this.config)) : ip;
   }
 
   /** Refuses when the user is locked or the client's address block has failed too often across users. */
@@ -322,7 +322,7 @@ export class MfaService {
       const { grant } = this.d.store.addGrant({
         user,
         ip,
-        block: blockOf(address, policySettings(config).prefixes),
+        block: blockOf(address, blockPrefixes(config)),
         ttlMs: config.grants.ttlMs,
         method: proof.method,
         source: 'api',
