@@ -245,6 +245,11 @@ export class Authenticator {
     this.last = Math.max(this.last, step);
   }
 
+  /** The code of the current step, without using it up (for a request that is refused before the code counts). */
+  peek(): string {
+    return codeAt(this.secret, this.clock());
+  }
+
   async next(): Promise<string> {
     const periodMs = PERIOD * 1000;
     for (;;) {

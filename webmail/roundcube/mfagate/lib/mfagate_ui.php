@@ -1,0 +1,360 @@
+<?php
+
+/**
+ * The HTML of the plugin's two screens: the code page between the password and the mailbox, and the
+ * "多要素認証 / Multi-factor authentication" section of Settings. Plain forms (Roundcube adds its request token
+ * to each), every field with a label, errors next to the field they concern, no script of its own.
+ */
+class mfagate_ui
+{
+    /** @var mfagate */
+    private $plugin;
+
+    /** The form handler's URL, e.g. "./?_task=login&_action=plugin.mfagate". */
+    private $action;
+
+    /** Field id -> error text, shown next to that field. */
+    private $errors = [];
+
+    /** The key and QR code of an app registration just begun: shown in this one answer. */
+    public $enrolment_shown;
+
+    public function __construct($plugin, $action)
+    {
+        $this->plugin = $plugin;
+        $this->action = $action;
+    }
+
+    public function field_error($field, $text)
+    {
+        $this->errors[$field] = $text;
+    }
+
+    private function t($name, $vars = [])
+    {
+        return $this->plugin->gettext(['name' => $name, 'vars' => $vars]);
+    }
+
+    private static function q($text)
+    {
+        return rcube::Q((string) $text);
+    }
+
+    /** "2026-11-21 13:05 (JST)", as mfagate's MFA page and mails write times. */
+    public static function jst($iso)
+    {
+        try {
+            $d = new DateTime((string) $iso);
+        }
+        catch (Exception $e) {
+            return (string) $iso;
+        }
+
+        $d->setTimezone(new DateTimeZone('+09:00'));
+
+        return $d->format('Y-m-d H:i') . ' (JST)';
+    }
+
+    /** A POST form to the plugin's handler doing `$op`. */
+    public function form($id, $op, $content, $class = 'propform')
+    {
+        return html::tag('form', ['id' => $id, 'method' => 'post', 'action' => $this->action, 'class' => $class],
+            html::tag('input', ['type' => 'hidden', 'name' => '_mfagate_op', 'value' => $op]) . $content);
+    }
+
+    /** A labelled text field for a code or an address, with its error (if any) next to it. */
+    public function input($id, $name, $label, $kind = 'code', $value = '')
+    {
+        $attrs = ['type' => 'text', 'id' => $id, 'name' => $name, 'class' => 'form-control', 'value' => $value, 'required' => 'required'];
+
+        if ($kind == 'code') {
+            $attrs += ['autocomplete' => 'one-time-code', 'inputmode' => 'numeric', 'spellcheck' => 'false', 'maxlength' => 64];
+        }
+        else if ($kind == 'backup') {
+            // Backup codes have letters: no numeric keyboard.
+            $attrs += ['autocomplete' => 'one-time-code', 'spellcheck' => 'false', 'autocapitalize' => 'none', 'maxlength' => 64];
+        }
+        else {
+            $attrs['type'] = 'email';
+            $attrs += ['autocomplete' => 'email', 'maxlength' => 254];
+        }
+
+        $error = '';
+        if (isset($this->errors[$id])) {
+            $attrs['aria-invalid'] = 'true';
+            $attrs['aria-describedby'] = "$id-error";
+            $error = html::div(['id' => "$id-error", 'class' => 'mfagate-error', 'role' => 'alert'], self::q($this->errors[$id]));
+        }
+
+        return html::div('mfagate-field',
+            html::label(['for' => $id], self::q($label)) . html::tag('input', $attrs) . $error);
+    }
+
+    public function button($label, $class = 'btn btn-primary', $extra = [])
+    {
+        return html::tag('button', ['type' => 'submit', 'class' => $class] + $extra, self::q($label));
+    }
+
+    public function p($text, $class = null, $id = null)
+    {
+        return html::p(array_filter(['class' => $class, 'id' => $id]), self::q($text));
+    }
+
+    // ---- the code page ----------------------------------------------------------------------------------
+
+    /**
+     * @param array $st   mfagate's status of the user (factors, login)
+     * @param array $view 'ip', 'hours', 'email_sent' ([to, until]) , 'enrolment' ([secret, qr_svg]) when
+     *                    registering a first factor
+     */
+    public function code_page(array $st, array $view)
+    {
+        $f = $st['factors'] ?? [];
+        $out = html::tag('h1', ['class' => 'mfagate-title'], self::q($this->t('code_title')))
+            . $this->p($this->t('need_mfa', ['ip' => $view['ip']]), 'mfagate-lead', 'mfagate-need')
+            . $this->p($this->t('after_pass', ['hours' => $view['hours']]), 'hint');
+
+        $has_factor = !empty($f['totp']) || !empty($f['email']);
+
+        if (!empty($view['enrolment'])) {
+            $out .= $this->enrolment($view['enrolment'], 'enrol-login', 'totp-confirm');
+        }
+        else if (!$has_factor) {
+            $out .= $this->p($this->t('no_factor_yet'), 'mfagate-notice');
+            if (!empty($view['can_register'])) {
+                $out .= $this->form('mfagate-register', 'totp-begin', $this->button($this->t('register_app_button')));
+            }
+        }
+
+        if (!empty($f['totp'])) {
+            $out .= html::tag('section', ['class' => 'mfagate-card', 'aria-labelledby' => 'mfagate-totp-title'],
+                html::tag('h2', ['id' => 'mfagate-totp-title'], self::q($this->t('totp_title')))
+                . $this->form('mfagate-verify-totp', 'verify',
+                    html::tag('input', ['type' => 'hidden', 'name' => '_method', 'value' => 'totp'])
+                    . $this->input('mfagate-totp-code', '_code', $this->t('totp_code_label'))
+                    . $this->button($this->t('verify_button'))));
+        }
+
+        if (!empty($f['email'])) {
+            $email = $this->form('mfagate-send', 'send', $this->button($this->t('email_send_button', ['to' => $f['email']]), 'btn btn-secondary'));
+            if (!empty($view['email_sent'])) {
+                $email .= $this->p($this->t('email_sent', ['to' => $view['email_sent'][0], 'until' => self::jst($view['email_sent'][1])]), 'hint', 'mfagate-email-sent')
+                    . $this->form('mfagate-verify-email', 'verify',
+                        html::tag('input', ['type' => 'hidden', 'name' => '_method', 'value' => 'email'])
+                        . $this->input('mfagate-email-code', '_code', $this->t('email_code_label'))
+                        . $this->button($this->t('verify_button')));
+            }
+            $out .= html::tag('section', ['class' => 'mfagate-card', 'aria-labelledby' => 'mfagate-email-title'],
+                html::tag('h2', ['id' => 'mfagate-email-title'], self::q($this->t('email_title'))) . $email);
+        }
+
+        if (!empty($f['backup_codes_left'])) {
+            $open = isset($this->errors['mfagate-backup-code']) ? ['open' => 'open'] : [];
+            $out .= html::tag('details', ['class' => 'mfagate-card', 'id' => 'mfagate-backup'] + $open,
+                html::tag('summary', null, self::q($this->t('backup_title')))
+                . $this->p($this->t('backup_hint'), 'hint')
+                . $this->form('mfagate-verify-backup', 'verify',
+                    html::tag('input', ['type' => 'hidden', 'name' => '_method', 'value' => 'backup'])
+                    . $this->input('mfagate-backup-code', '_code', $this->t('backup_code_label'), 'backup')
+                    . $this->button($this->t('verify_button'))));
+        }
+
+        $out .= $this->form('mfagate-cancel', 'cancel', $this->button($this->t('cancel_button'), 'btn btn-link'), 'mfagate-cancel');
+
+        return html::div(['id' => 'mfagate-code', 'class' => 'mfagate'], $out);
+    }
+
+    /**
+     * An app being registered: the steps, the QR code and the key (in the answer to "register" only: they are
+     * never kept by the plugin), then the field for the first code. `$e` is ['secret', 'qr_svg'], or
+     * ['pending' => true] when the key was shown before and only the code is asked again.
+     */
+    public function enrolment(array $e, $id, $op)
+    {
+        $shown = '';
+        if (empty($e['pending'])) {
+            $qr  = 'data:image/svg+xml;base64,' . base64_encode((string) $e['qr_svg']);
+            $key = trim(chunk_split((string) $e['secret'], 4, ' '));
+            $shown = html::tag('ol', null,
+                    html::tag('li', null, self::q($this->t('enrol_step1')))
+                    . html::tag('li', null, self::q($this->t('enrol_step2')))
+                    . html::tag('li', null, self::q($this->t('enrol_step3'))))
+                . html::img(['src' => $qr, 'alt' => $this->t('qr_alt'), 'class' => 'mfagate-qr', 'width' => 200, 'height' => 200])
+                . html::p(null, self::q($this->t('manual_key')) . ': ' . html::tag('code', ['id' => "$id-key", 'class' => 'mfagate-key'], self::q($key)));
+        }
+        else {
+            $shown = $this->p($this->t('enrol_step3'));
+        }
+
+        return html::tag('section', ['class' => 'mfagate-card', 'id' => $id, 'aria-labelledby' => "$id-title"],
+            html::tag('h2', ['id' => "$id-title"], self::q($this->t('enrol_title')))
+            . $shown
+            . $this->form("$id-form", $op,
+                $this->input("$id-code", '_code', $this->t('totp_code_label'))
+                . $this->button($this->t('enrol_confirm'))));
+    }
+
+    // ---- settings ---------------------------------------------------------------------------------------
+
+    /**
+     * @param array $st   mfagate's status of the user
+     * @param array $view 'ip', 'block' (this network's block), 'enrolment', 'backup_codes' (just issued),
+     *                    'proof_sent' ([to, until])
+     */
+    public function settings(array $st, array $view)
+    {
+        $f = $st['factors'] ?? [];
+        $has_factor = !empty($f['totp']) || !empty($f['email']);
+        $out = '';
+
+        // Just issued backup codes first: they are shown this once.
+        if (!empty($view['backup_codes'])) {
+            $codes = '';
+            foreach ($view['backup_codes'] as $c) {
+                $codes .= html::tag('li', null, html::tag('code', null, self::q($c)));
+            }
+            $out .= html::tag('section', ['class' => 'mfagate-card', 'id' => 'mfagate-backup-codes'],
+                html::tag('h2', null, self::q($this->t('backup_section')))
+                . $this->p($this->t('backup_shown_once'), 'mfagate-notice')
+                . html::tag('ol', ['class' => 'mfagate-codes'], $codes));
+        }
+
+        if (!empty($view['enrolment'])) {
+            $out .= $this->enrolment($view['enrolment'], 'enrol-settings', 'totp-confirm');
+        }
+
+        if (!empty($f['email_pending'])) {
+            $out .= html::tag('section', ['class' => 'mfagate-card', 'id' => 'mfagate-email-confirm'],
+                $this->p($this->t('email_confirm_intro', ['address' => $f['email_pending']]))
+                . $this->form('mfagate-email-confirm-form', 'email-confirm',
+                    $this->input('mfagate-email-confirm-code', '_code', $this->t('email_confirm_label'))
+                    . $this->button($this->t('email_confirm_button'))));
+        }
+
+        // MFA on / off and the status table (seed 001's 多要素認証状況).
+        $state = !empty($st['mfa_enabled']) ? $this->t('mfa_on') : $this->t('mfa_off');
+        $switch = '';
+        if (!empty($st['mfa_enabled'])) {
+            $switch = $this->form('mfagate-disable', 'disable', $this->proof($f, 'disable', $view) . $this->button($this->t('disable_button'), 'btn btn-danger'));
+        }
+        else if ($has_factor) {
+            $switch = $this->form('mfagate-enable', 'enable', $this->button($this->t('enable_button')));
+        }
+        else {
+            $switch = $this->p($this->t('enable_needs_factor'), 'hint');
+        }
+        $out .= html::tag('section', ['class' => 'mfagate-card', 'aria-labelledby' => 'mfagate-mfa-title'],
+            html::tag('h2', ['id' => 'mfagate-mfa-title'], self::q($this->t('mfa_section')))
+            . $this->p($state, 'mfagate-state', 'mfagate-state')
+            . (!empty($st['mfa_required']) && empty($st['mfa_enabled']) ? $this->p($this->t('mfa_site_required'), 'hint') : '')
+            . $switch
+            . $this->grants($st['grants'] ?? [], $view['block'] ?? ''));
+
+        // The app.
+        $app = $this->p(!empty($f['totp']) ? $this->t('registered') : $this->t('not_registered'), 'mfagate-state', 'mfagate-totp-state');
+        if (empty($view['enrolment'])) {
+            $app .= $this->form('mfagate-totp-begin', 'totp-begin',
+                ($has_factor ? $this->proof($f, 'totp-begin', $view) : '')
+                . $this->button(!empty($f['totp']) ? $this->t('app_replace_button') : $this->t('app_register_button'), 'btn btn-secondary'));
+        }
+        if (!empty($f['totp'])) {
+            $app .= $this->form('mfagate-totp-remove', 'totp-remove', $this->proof($f, 'totp-remove', $view) . $this->button($this->t('app_remove_button'), 'btn btn-danger'));
+        }
+        $out .= html::tag('section', ['class' => 'mfagate-card', 'aria-labelledby' => 'mfagate-app-title'],
+            html::tag('h2', ['id' => 'mfagate-app-title'], self::q($this->t('totp_title'))) . $app);
+
+        // The external address.
+        $email = $this->p(!empty($f['email']) ? $this->t('email_registered_as', ['address' => $f['email']]) : $this->t('not_registered'), 'mfagate-state', 'mfagate-email-state');
+        $email .= $this->form('mfagate-email-register', 'email-register',
+            $this->input('mfagate-email-address', '_address', $this->t('email_address_label'), 'email', $view['address'] ?? '')
+            . $this->p($this->t('email_address_hint'), 'hint')
+            . ($has_factor ? $this->proof($f, 'email-register', $view) : '')
+            . $this->button(!empty($f['email']) ? $this->t('email_change_button') : $this->t('email_register_button'), 'btn btn-secondary'));
+        if (!empty($f['email'])) {
+            $email .= $this->form('mfagate-email-remove', 'email-remove', $this->proof($f, 'email-remove', $view) . $this->button($this->t('email_remove_button'), 'btn btn-danger'));
+        }
+        $out .= html::tag('section', ['class' => 'mfagate-card', 'aria-labelledby' => 'mfagate-addr-title'],
+            html::tag('h2', ['id' => 'mfagate-addr-title'], self::q($this->t('email_title'))) . $email);
+
+        // Backup codes.
+        $left = (int) ($f['backup_codes_left'] ?? 0);
+        $backup = $this->p($left > 0 ? $this->t('backup_left', ['n' => $left]) : $this->t('backup_none'), 'mfagate-state', 'mfagate-backup-state');
+        if ($has_factor) {
+            $backup .= $this->form('mfagate-backup-generate', 'backup', $this->proof($f, 'backup', $view) . $this->button($left > 0 ? $this->t('backup_regenerate') : $this->t('backup_generate'), 'btn btn-secondary'));
+        }
+        $out .= html::tag('section', ['class' => 'mfagate-card', 'aria-labelledby' => 'mfagate-backup-title'],
+            html::tag('h2', ['id' => 'mfagate-backup-title'], self::q($this->t('backup_section'))) . $backup)
+            . $this->p($this->t('recommend_both'), 'hint');
+
+        return html::div(['id' => 'mfagate-settings', 'class' => 'mfagate formcontent'],
+            html::tag('h1', ['class' => 'voice'], self::q($this->t('title'))) . $out);
+    }
+
+    /** The status table: one row per active grant, with a revoke button. */
+    private function grants(array $grants, $block)
+    {
+        $head = html::tag('h3', ['id' => 'mfagate-status-title'], self::q($this->t('status_section')));
+        if (empty($grants)) {
+            return $head . $this->p($this->t('no_grants'), 'hint', 'mfagate-no-grants');
+        }
+
+        $rows = '';
+        foreach ($grants as $g) {
+            $method = in_array($g['method'] ?? '', ['totp', 'email', 'backup']) ? $this->t('method_' . $g['method']) : $this->t('method_other');
+            $ip = (string) ($g['block'] ?? '');
+            $this_net = $ip === $block ? ' ' . html::span('hint', self::q($this->t('this_network'))) : '';
+            $revoke = $this->form('mfagate-revoke-' . (int) $g['id'], 'revoke',
+                html::tag('input', ['type' => 'hidden', 'name' => '_grant', 'value' => (int) $g['id']])
+                . $this->button($this->t('revoke_button'), 'btn btn-secondary btn-sm', ['aria-label' => $this->t('revoke_label', ['ip' => $ip])]),
+                'mfagate-inline');
+            $rows .= html::tag('tr', ['data-grant' => (int) $g['id']],
+                html::tag('td', null, self::q($ip) . $this_net)
+                . html::tag('td', null, self::q(self::jst($g['created_at'] ?? '')))
+                . html::tag('td', null, self::q(self::jst($g['expires_at'] ?? '')))
+                . html::tag('td', null, self::q($method))
+                . html::tag('td', null, $revoke));
+        }
+
+        return $head . html::tag('table', ['class' => 'table mfagate-status', 'id' => 'mfagate-status', 'aria-labelledby' => 'mfagate-status-title'],
+            html::tag('thead', null, html::tag('tr', null,
+                html::tag('th', ['scope' => 'col'], self::q($this->t('col_ip')))
+                . html::tag('th', ['scope' => 'col'], self::q($this->t('col_at')))
+                . html::tag('th', ['scope' => 'col'], self::q($this->t('col_expires')))
+                . html::tag('th', ['scope' => 'col'], self::q($this->t('col_method')))
+                . html::tag('th', ['scope' => 'col'], self::q($this->t('col_action')))))
+            . html::tag('tbody', null, $rows));
+    }
+
+    /**
+     * The proof a change needs once a factor is registered: which factor, and its code. For the mailed code,
+     * a button that sends one: a form of its own would nest, so it posts this form with _mfagate_send set, and
+     * the handler sends the code instead of making the change.
+     */
+    private function proof(array $f, $for, array $view)
+    {
+        $options = '';
+        foreach (['totp' => !empty($f['totp']), 'email' => !empty($f['email']), 'backup' => !empty($f['backup_codes_left'])] as $m => $ok) {
+            if ($ok) {
+                $options .= html::tag('option', ['value' => $m], self::q($this->t('method_' . $m)));
+            }
+        }
+
+        $id = "mfagate-proof-$for";
+        $send = '';
+        if (!empty($f['email'])) {
+            $send = $this->button($this->t('proof_send_button', ['to' => $f['email']]), 'btn btn-link', ['name' => '_mfagate_send', 'value' => '1', 'formnovalidate' => 'formnovalidate']);
+            if (!empty($view['proof_sent'])) {
+                $send .= $this->p($this->t('email_sent', ['to' => $view['proof_sent'][0], 'until' => self::jst($view['proof_sent'][1])]), 'hint');
+            }
+        }
+
+        return html::tag('fieldset', ['class' => 'mfagate-proof'],
+            html::tag('legend', null, self::q($this->t('proof_legend')))
+            . $this->p($this->t('proof_hint'), 'hint')
+            . html::div('mfagate-field',
+                html::label(['for' => "$id-method"], self::q($this->t('proof_method_label')))
+                . html::tag('select', ['id' => "$id-method", 'name' => '_method', 'class' => 'form-control custom-select'], $options))
+            . $this->input("$id-code", '_code', $this->t('proof_code_label'), 'backup')
+            . $send);
+    }
+}
