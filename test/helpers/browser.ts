@@ -146,10 +146,13 @@ export interface AxeViolation {
  * The script goes in through the DevTools protocol (page.evaluate), which the page's own strict CSP does not
  * govern, so the page under test keeps its real headers.
  */
-export async function accessibilityViolations(page: Page): Promise<AxeViolation[]> {
+export async function accessibilityViolations(page: Page, o: { within?: readonly string[] } = {}): Promise<AxeViolation[]> {
   axeSource ??= fs.readFileSync(path.join(ROOT, 'node_modules/axe-core/axe.min.js'), 'utf8');
   await page.evaluate(axeSource);
-  const result = (await page.evaluate(`axe.run(document, { runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] } })`)) as {
+  // `within`: only these parts of the page (CSS selectors), e.g. what a plugin renders inside another
+  // application's page; by default the whole document.
+  const context = o.within ? JSON.stringify({ include: o.within.map((s) => [s]) }) : 'document';
+  const result = (await page.evaluate(`axe.run(${context}, { runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] } })`)) as {
     violations: { id: string; impact: string | null; help: string; nodes: { target: string[] }[] }[];
   };
   return result.violations.map((v) => ({ id: v.id, impact: v.impact, help: v.help, targets: v.nodes.flatMap((n) => n.target) }));

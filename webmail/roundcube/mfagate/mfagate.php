@@ -47,6 +47,7 @@ class mfagate extends rcube_plugin
         $this->add_hook('storage_connect', [$this, 'storage_connect']);
         $this->add_hook('login_after', [$this, 'login_after']);
         $this->add_hook('ready', [$this, 'ready']);
+        $this->add_hook('send_page', [$this, 'send_page']);
 
         if ($this->rc->task == 'settings') {
             $this->add_hook('settings_actions', [$this, 'settings_actions']);
@@ -374,6 +375,19 @@ class mfagate extends rcube_plugin
         $this->rc->output->send('login');
     }
 
+    /**
+     * Elastic's viewport forbids zooming (maximum-scale=1.0); the plugin's own pages (the code page, the
+     * settings section) let a user zoom, as WCAG 1.4.4 asks.
+     */
+    public function send_page($args)
+    {
+        if ($this->rc->action == 'plugin.mfagate') {
+            $args['content'] = preg_replace('/(<meta name="viewport" content="[^"]*?),\s*maximum-scale=1(\.0)?/', '$1', $args['content'], 1);
+        }
+
+        return $args;
+    }
+
     /** The mailbox's first page after MFA passed says where mail programs now work, and until when. */
     public function ready($args)
     {
@@ -460,7 +474,7 @@ class mfagate extends rcube_plugin
         $user = (string) ($_SESSION['username'] ?? '');
         $ip   = $this->client_ip();
         $view = ['ip' => $ip];
-        $ui   = new mfagate_ui($this, './?_task=settings&_action=plugin.mfagate&_framed=1');
+        $ui   = new mfagate_ui($this, './?_task=settings&_action=plugin.mfagate');
 
         if ($ip === null) {
             $this->log('settings-refused', ['user' => $user, 'reason' => 'the browser\'s address is not an IP address']);
@@ -505,6 +519,16 @@ class mfagate extends rcube_plugin
         return $ip;
     }
 
+    /** The changes mfagate asks a code for once a factor is registered, and the form fields each carries. */
+    const NEEDS_PROOF = [
+        'disable'        => [],
+        'totp-begin'     => [],
+        'totp-remove'    => [],
+        'email-register' => ['_address'],
+        'email-remove'   => [],
+        'backup'         => [],
+    ];
+
     /** One change from the settings forms; returns what the page shows next (an enrolment, new codes, ...). */
     private function settings_post($user, $ip, mfagate_ui $ui, array $view)
     {
@@ -512,10 +536,14 @@ class mfagate extends rcube_plugin
         $method = (string) rcube_utils::get_input_string('_method', rcube_utils::INPUT_POST);
         $code   = trim((string) rcube_utils::get_input_string('_code', rcube_utils::INPUT_POST));
         $proof  = $code !== '' ? ['factor' => ['method' => $method, 'code' => $code]] : [];
-        $field  = "mfagate-proof-$op-code";
 
-        // The "send me an OTP" button of a proof: mail a code and show the form again.
-        if (!empty($_POST['_mfagate_send'])) {
+        // The confirmation's "send me an OTP": mail a code, and ask for the same change's code again.
+        if ($op == 'proof-send') {
+            $for = (string) rcube_utils::get_input_string('_for', rcube_utils::INPUT_POST);
+            if (!isset(self::NEEDS_PROOF[$for])) {
+                $this->rc->output->show_message('mfagate.err_bad_request', 'error');
+                return $view;
+            }
             $r = $this->call('POST', '/email/code', $user, ['ip' => $ip]);
             if ($r['status'] == 200) {
                 $view['proof_sent'] = [$r['body']['sent_to'] ?? '', $r['body']['expires_at'] ?? ''];
@@ -523,6 +551,7 @@ class mfagate extends rcube_plugin
             else {
                 $this->rc->output->show_message('mfagate.' . $this->error_label($r), 'error', $this->error_vars($r));
             }
+            $view['confirm'] = ['op' => $for, 'fields' => $this->carried($for)];
             return $view;
         }
 
@@ -532,7 +561,7 @@ class mfagate extends rcube_plugin
             return $this->settings_done($r, $view, $ui, 'enabled_done', null);
         case 'disable':
             $r = $this->call('DELETE', '/mfa', $user, ['ip' => $ip] + $proof);
-            return $this->settings_done($r, $view, $ui, 'disabled_done', $field);
+            return $this->settings_done($r, $view, $ui, 'disabled_done', null, $op);
         case 'totp-begin':
             $r = $this->call('POST', '/totp', $user, ['ip' => $ip] + $proof);
             if ($r['status'] == 200) {
@@ -540,7 +569,7 @@ class mfagate extends rcube_plugin
                 $view['enrolment'] = ['secret' => $r['body']['secret'] ?? '', 'qr_svg' => $r['body']['qr_svg'] ?? ''];
                 return $view;
             }
-            return $this->settings_done($r, $view, $ui, null, $field);
+            return $this->settings_done($r, $view, $ui, null, null, $op);
         case 'totp-confirm':
             if ($code === '') {
                 $ui->field_error('enrol-settings-code', $this->gettext('err_code'));
@@ -555,7 +584,7 @@ class mfagate extends rcube_plugin
             return $this->settings_done($r, $view, $ui, 'enrol_done', 'enrol-settings-code');
         case 'totp-remove':
             $r = $this->call('DELETE', '/totp', $user, ['ip' => $ip] + $proof);
-            return $this->settings_done($r, $view, $ui, 'app_removed', $field);
+            return $this->settings_done($r, $view, $ui, 'app_removed', null, $op);
         case 'email-register':
             $address = trim((string) rcube_utils::get_input_string('_address', rcube_utils::INPUT_POST));
             $view['address'] = $address;
@@ -565,12 +594,13 @@ class mfagate extends rcube_plugin
             }
             $r = $this->call('POST', '/email', $user, ['ip' => $ip, 'address' => $address] + $proof);
             $err = $r['body']['error'] ?? '';
-            $at  = $err == 'bad-request' || $err == 'refused-domain' || ($err == 'conflict' && strpos((string) ($r['body']['message'] ?? ''), 'already') !== false)
-                ? 'mfagate-email-address' : $field;
             if ($r['status'] == 200) {
                 unset($view['address']);
             }
-            return $this->settings_done($r, $view, $ui, null, $at);
+            else if ($err == 'bad-request' || $err == 'refused-domain' || ($err == 'conflict' && strpos((string) ($r['body']['message'] ?? ''), 'already') !== false)) {
+                return $this->settings_done($r, $view, $ui, null, 'mfagate-email-address');
+            }
+            return $this->settings_done($r, $view, $ui, null, null, $op);
         case 'email-confirm':
             if ($code === '') {
                 $ui->field_error('mfagate-email-confirm-code', $this->gettext('err_code'));
@@ -584,7 +614,7 @@ class mfagate extends rcube_plugin
             return $this->settings_done($r, $view, $ui, null, 'mfagate-email-confirm-code');
         case 'email-remove':
             $r = $this->call('DELETE', '/email', $user, ['ip' => $ip] + $proof);
-            return $this->settings_done($r, $view, $ui, 'email_removed', $field);
+            return $this->settings_done($r, $view, $ui, 'email_removed', null, $op);
         case 'backup':
             $r = $this->call('POST', '/backup-codes', $user, ['ip' => $ip] + $proof);
             if ($r['status'] == 200) {
@@ -592,7 +622,7 @@ class mfagate extends rcube_plugin
                 $view['backup_codes'] = $r['body']['codes'] ?? [];
                 return $view;
             }
-            return $this->settings_done($r, $view, $ui, null, $field);
+            return $this->settings_done($r, $view, $ui, null, null, $op);
         case 'revoke':
             $id = (string) rcube_utils::get_input_string('_grant', rcube_utils::INPUT_POST);
             if (!preg_match('/^[1-9][0-9]{0,15}$/', $id)) {
@@ -612,8 +642,22 @@ class mfagate extends rcube_plugin
         return $view;
     }
 
-    /** After a settings change: the confirmation, or the error next to the field it concerns (or on top). */
-    private function settings_done(array $r, array $view, mfagate_ui $ui, $done, $field)
+    /** The form fields a change carries through its confirmation (only the ones it has). */
+    private function carried($op)
+    {
+        $fields = [];
+        foreach (self::NEEDS_PROOF[$op] ?? [] as $name) {
+            $fields[$name] = trim((string) rcube_utils::get_input_string($name, rcube_utils::INPUT_POST));
+        }
+
+        return $fields;
+    }
+
+    /**
+     * After a settings change: the confirmation, or the error next to the field it concerns (or on top). A
+     * change that needs a code (`$op`, answered "proof-required", or a wrong code) asks for it again.
+     */
+    private function settings_done(array $r, array $view, mfagate_ui $ui, $done, $field, $op = null)
     {
         if ($r['status'] == 200) {
             if ($done) {
@@ -625,7 +669,17 @@ class mfagate extends rcube_plugin
         $label = $this->error_label($r);
         $vars  = $this->error_vars($r);
         $err   = $r['body']['error'] ?? '';
-        if ($field && in_array($err, ['factor-failed', 'proof-required', 'locked', 'rate-limited', 'bad-request', 'refused-domain', 'conflict'])) {
+
+        if ($op !== null && in_array($err, ['proof-required', 'factor-failed', 'locked', 'rate-limited'])) {
+            $view['confirm'] = ['op' => $op, 'fields' => $this->carried($op)];
+            // A first "proof-required" is the question, not an error; anything else is shown at the code field.
+            if ($err != 'proof-required' || rcube_utils::get_input_string('_code', rcube_utils::INPUT_POST) !== '') {
+                $ui->field_error('mfagate-confirm-code', $this->gettext(['name' => $label, 'vars' => $vars]));
+            }
+            return $view;
+        }
+
+        if ($field && in_array($err, ['factor-failed', 'locked', 'rate-limited', 'bad-request', 'refused-domain', 'conflict'])) {
             $ui->field_error($field, $this->gettext(['name' => $label, 'vars' => $vars]));
         }
         else {

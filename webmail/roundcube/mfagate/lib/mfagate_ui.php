@@ -90,11 +90,6 @@ class mfagate_ui
             html::label(['for' => $id], self::q($label)) . html::tag('input', $attrs) . $error);
     }
 
-    public function button($label, $class = 'btn btn-primary', $extra = [])
-    {
-        return html::tag('button', ['type' => 'submit', 'class' => $class] + $extra, self::q($label));
-    }
-
     public function p($text, $class = null, $id = null)
     {
         return html::p(array_filter(['class' => $class, 'id' => $id]), self::q($text));
@@ -122,7 +117,7 @@ class mfagate_ui
         else if (!$has_factor) {
             $out .= $this->p($this->t('no_factor_yet'), 'mfagate-notice');
             if (!empty($view['can_register'])) {
-                $out .= $this->form('mfagate-register', 'totp-begin', $this->button($this->t('register_app_button')));
+                $out .= $this->form('mfagate-register', 'totp-begin', $this->submit($this->t('register_app_button')));
             }
         }
 
@@ -132,17 +127,17 @@ class mfagate_ui
                 . $this->form('mfagate-verify-totp', 'verify',
                     html::tag('input', ['type' => 'hidden', 'name' => '_method', 'value' => 'totp'])
                     . $this->input('mfagate-totp-code', '_code', $this->t('totp_code_label'))
-                    . $this->button($this->t('verify_button'))));
+                    . $this->submit($this->t('verify_button'))));
         }
 
         if (!empty($f['email'])) {
-            $email = $this->form('mfagate-send', 'send', $this->button($this->t('email_send_button', ['to' => $f['email']]), 'btn btn-secondary'));
+            $email = $this->form('mfagate-send', 'send', $this->submit($this->t('email_send_button', ['to' => $f['email']]), 'mfagate-secondary'));
             if (!empty($view['email_sent'])) {
                 $email .= $this->p($this->t('email_sent', ['to' => $view['email_sent'][0], 'until' => self::jst($view['email_sent'][1])]), 'hint', 'mfagate-email-sent')
                     . $this->form('mfagate-verify-email', 'verify',
                         html::tag('input', ['type' => 'hidden', 'name' => '_method', 'value' => 'email'])
                         . $this->input('mfagate-email-code', '_code', $this->t('email_code_label'))
-                        . $this->button($this->t('verify_button')));
+                        . $this->submit($this->t('verify_button')));
             }
             $out .= html::tag('section', ['class' => 'mfagate-card', 'aria-labelledby' => 'mfagate-email-title'],
                 html::tag('h2', ['id' => 'mfagate-email-title'], self::q($this->t('email_title'))) . $email);
@@ -156,10 +151,10 @@ class mfagate_ui
                 . $this->form('mfagate-verify-backup', 'verify',
                     html::tag('input', ['type' => 'hidden', 'name' => '_method', 'value' => 'backup'])
                     . $this->input('mfagate-backup-code', '_code', $this->t('backup_code_label'), 'backup')
-                    . $this->button($this->t('verify_button'))));
+                    . $this->submit($this->t('verify_button'))));
         }
 
-        $out .= $this->form('mfagate-cancel', 'cancel', $this->button($this->t('cancel_button'), 'btn btn-link'), 'mfagate-cancel');
+        $out .= $this->form('mfagate-cancel', 'cancel', $this->submit($this->t('cancel_button'), 'mfagate-link'), 'mfagate-cancel');
 
         return html::div(['id' => 'mfagate-code', 'class' => 'mfagate'], $out);
     }
@@ -191,15 +186,16 @@ class mfagate_ui
             . $shown
             . $this->form("$id-form", $op,
                 $this->input("$id-code", '_code', $this->t('totp_code_label'))
-                . $this->button($this->t('enrol_confirm'))));
+                . $this->submit($this->t('enrol_confirm'))));
     }
 
     // ---- settings ---------------------------------------------------------------------------------------
 
     /**
      * @param array $st   mfagate's status of the user
-     * @param array $view 'ip', 'block' (this network's block), 'enrolment', 'backup_codes' (just issued),
-     *                    'proof_sent' ([to, until])
+     * @param array $view 'block' (this network's block), 'enrolment', 'backup_codes' (just issued), 'confirm'
+     *                    (a change waiting for its proof: ['op', 'fields']), 'proof_sent' ([to, until]),
+     *                    'address' (the address field's value)
      */
     public function settings(array $st, array $view)
     {
@@ -207,14 +203,19 @@ class mfagate_ui
         $has_factor = !empty($f['totp']) || !empty($f['email']);
         $out = '';
 
-        // Just issued backup codes first: they are shown this once.
+        // A change that needs a code first: asked for on top, before anything else.
+        if (!empty($view['confirm'])) {
+            $out .= $this->confirm($f, $view['confirm'], $view['proof_sent'] ?? null);
+        }
+
+        // Just issued backup codes: shown this once.
         if (!empty($view['backup_codes'])) {
             $codes = '';
             foreach ($view['backup_codes'] as $c) {
                 $codes .= html::tag('li', null, html::tag('code', null, self::q($c)));
             }
-            $out .= html::tag('section', ['class' => 'mfagate-card', 'id' => 'mfagate-backup-codes'],
-                html::tag('h2', null, self::q($this->t('backup_section')))
+            $out .= html::tag('section', ['class' => 'mfagate-card', 'id' => 'mfagate-backup-codes', 'aria-labelledby' => 'mfagate-codes-title'],
+                html::tag('h2', ['id' => 'mfagate-codes-title'], self::q($this->t('backup_section')))
                 . $this->p($this->t('backup_shown_once'), 'mfagate-notice')
                 . html::tag('ol', ['class' => 'mfagate-codes'], $codes));
         }
@@ -228,24 +229,22 @@ class mfagate_ui
                 $this->p($this->t('email_confirm_intro', ['address' => $f['email_pending']]))
                 . $this->form('mfagate-email-confirm-form', 'email-confirm',
                     $this->input('mfagate-email-confirm-code', '_code', $this->t('email_confirm_label'))
-                    . $this->button($this->t('email_confirm_button'))));
+                    . $this->submit($this->t('email_confirm_button'))));
         }
 
         // MFA on / off and the status table (seed 001's 多要素認証状況).
-        $state = !empty($st['mfa_enabled']) ? $this->t('mfa_on') : $this->t('mfa_off');
-        $switch = '';
         if (!empty($st['mfa_enabled'])) {
-            $switch = $this->form('mfagate-disable', 'disable', $this->proof($f, 'disable', $view) . $this->button($this->t('disable_button'), 'btn btn-danger'));
+            $switch = $this->form('mfagate-disable', 'disable', $this->submit($this->t('disable_button'), 'mfagate-danger'));
         }
         else if ($has_factor) {
-            $switch = $this->form('mfagate-enable', 'enable', $this->button($this->t('enable_button')));
+            $switch = $this->form('mfagate-enable', 'enable', $this->submit($this->t('enable_button')));
         }
         else {
             $switch = $this->p($this->t('enable_needs_factor'), 'hint');
         }
         $out .= html::tag('section', ['class' => 'mfagate-card', 'aria-labelledby' => 'mfagate-mfa-title'],
             html::tag('h2', ['id' => 'mfagate-mfa-title'], self::q($this->t('mfa_section')))
-            . $this->p($state, 'mfagate-state', 'mfagate-state')
+            . $this->p(!empty($st['mfa_enabled']) ? $this->t('mfa_on') : $this->t('mfa_off'), 'mfagate-state', 'mfagate-state')
             . (!empty($st['mfa_required']) && empty($st['mfa_enabled']) ? $this->p($this->t('mfa_site_required'), 'hint') : '')
             . $switch
             . $this->grants($st['grants'] ?? [], $view['block'] ?? ''));
@@ -254,11 +253,10 @@ class mfagate_ui
         $app = $this->p(!empty($f['totp']) ? $this->t('registered') : $this->t('not_registered'), 'mfagate-state', 'mfagate-totp-state');
         if (empty($view['enrolment'])) {
             $app .= $this->form('mfagate-totp-begin', 'totp-begin',
-                ($has_factor ? $this->proof($f, 'totp-begin', $view) : '')
-                . $this->button(!empty($f['totp']) ? $this->t('app_replace_button') : $this->t('app_register_button'), 'btn btn-secondary'));
+                $this->submit(!empty($f['totp']) ? $this->t('app_replace_button') : $this->t('app_register_button'), 'mfagate-secondary'));
         }
         if (!empty($f['totp'])) {
-            $app .= $this->form('mfagate-totp-remove', 'totp-remove', $this->proof($f, 'totp-remove', $view) . $this->button($this->t('app_remove_button'), 'btn btn-danger'));
+            $app .= $this->form('mfagate-totp-remove', 'totp-remove', $this->submit($this->t('app_remove_button'), 'mfagate-danger'));
         }
         $out .= html::tag('section', ['class' => 'mfagate-card', 'aria-labelledby' => 'mfagate-app-title'],
             html::tag('h2', ['id' => 'mfagate-app-title'], self::q($this->t('totp_title'))) . $app);
@@ -268,10 +266,9 @@ class mfagate_ui
         $email .= $this->form('mfagate-email-register', 'email-register',
             $this->input('mfagate-email-address', '_address', $this->t('email_address_label'), 'email', $view['address'] ?? '')
             . $this->p($this->t('email_address_hint'), 'hint')
-            . ($has_factor ? $this->proof($f, 'email-register', $view) : '')
-            . $this->button(!empty($f['email']) ? $this->t('email_change_button') : $this->t('email_register_button'), 'btn btn-secondary'));
+            . $this->submit(!empty($f['email']) ? $this->t('email_change_button') : $this->t('email_register_button'), 'mfagate-secondary'));
         if (!empty($f['email'])) {
-            $email .= $this->form('mfagate-email-remove', 'email-remove', $this->proof($f, 'email-remove', $view) . $this->button($this->t('email_remove_button'), 'btn btn-danger'));
+            $email .= $this->form('mfagate-email-remove', 'email-remove', $this->submit($this->t('email_remove_button'), 'mfagate-danger'));
         }
         $out .= html::tag('section', ['class' => 'mfagate-card', 'aria-labelledby' => 'mfagate-addr-title'],
             html::tag('h2', ['id' => 'mfagate-addr-title'], self::q($this->t('email_title'))) . $email);
@@ -280,7 +277,7 @@ class mfagate_ui
         $left = (int) ($f['backup_codes_left'] ?? 0);
         $backup = $this->p($left > 0 ? $this->t('backup_left', ['n' => $left]) : $this->t('backup_none'), 'mfagate-state', 'mfagate-backup-state');
         if ($has_factor) {
-            $backup .= $this->form('mfagate-backup-generate', 'backup', $this->proof($f, 'backup', $view) . $this->button($left > 0 ? $this->t('backup_regenerate') : $this->t('backup_generate'), 'btn btn-secondary'));
+            $backup .= $this->form('mfagate-backup-generate', 'backup', $this->submit($left > 0 ? $this->t('backup_regenerate') : $this->t('backup_generate'), 'mfagate-secondary'));
         }
         $out .= html::tag('section', ['class' => 'mfagate-card', 'aria-labelledby' => 'mfagate-backup-title'],
             html::tag('h2', ['id' => 'mfagate-backup-title'], self::q($this->t('backup_section'))) . $backup)
@@ -288,6 +285,57 @@ class mfagate_ui
 
         return html::div(['id' => 'mfagate-settings', 'class' => 'mfagate formcontent'],
             html::tag('h1', ['class' => 'voice'], self::q($this->t('title'))) . $out);
+    }
+
+    /** The form's main button. */
+    public function submit($label, $kind = 'mfagate-primary')
+    {
+        return html::tag('button', ['type' => 'submit', 'class' => "btn mfagate-submit $kind"], self::q($label));
+    }
+
+    /**
+     * A change mfagate answered with "proof-required": the same change again, with a code of a registered
+     * factor (or a backup code), and for the mailed code a button that sends one (a form of its own, which
+     * comes back here).
+     */
+    private function confirm(array $f, array $c, $sent)
+    {
+        $carry = '';
+        foreach ($c['fields'] ?? [] as $name => $value) {
+            $carry .= html::tag('input', ['type' => 'hidden', 'name' => $name, 'value' => (string) $value]);
+        }
+
+        $options = '';
+        foreach (['totp' => !empty($f['totp']), 'email' => !empty($f['email']), 'backup' => !empty($f['backup_codes_left'])] as $m => $ok) {
+            if ($ok) {
+                $options .= html::tag('option', ['value' => $m], self::q($this->t('method_' . $m)));
+            }
+        }
+
+        $send = '';
+        if (!empty($f['email'])) {
+            $send = $this->form('mfagate-confirm-send', 'proof-send',
+                html::tag('input', ['type' => 'hidden', 'name' => '_for', 'value' => $c['op']]) . $carry
+                . $this->submit($this->t('proof_send_button', ['to' => $f['email']]), 'mfagate-secondary'));
+            if ($sent) {
+                $send .= $this->p($this->t('email_sent', ['to' => $sent[0], 'until' => self::jst($sent[1])]), 'hint', 'mfagate-proof-sent');
+            }
+        }
+
+        $what = $this->t('confirm_' . str_replace('-', '_', (string) $c['op']), ['address' => $c['fields']['_address'] ?? '']);
+
+        return html::tag('section', ['class' => 'mfagate-card mfagate-confirm', 'id' => 'mfagate-confirm', 'aria-labelledby' => 'mfagate-confirm-title'],
+            html::tag('h2', ['id' => 'mfagate-confirm-title'], self::q($this->t('proof_legend')))
+            . $this->p($what, 'mfagate-state', 'mfagate-confirm-what')
+            . $this->p($this->t('proof_hint'), 'hint')
+            . $this->form('mfagate-confirm-form', $c['op'], $carry
+                . html::div('mfagate-field',
+                    html::label(['for' => 'mfagate-confirm-method'], self::q($this->t('proof_method_label')))
+                    . html::tag('select', ['id' => 'mfagate-confirm-method', 'name' => '_method', 'class' => 'form-control custom-select'], $options))
+                . $this->input('mfagate-confirm-code', '_code', $this->t('proof_code_label'), 'backup')
+                . $this->submit($this->t('proof_confirm_button'))
+                . html::a(['href' => $this->action, 'class' => 'btn mfagate-submit mfagate-link', 'id' => 'mfagate-confirm-cancel'], self::q($this->t('enrol_cancel'))))
+            . $send);
     }
 
     /** The status table: one row per active grant, with a revoke button. */
@@ -305,7 +353,7 @@ class mfagate_ui
             $this_net = $ip === $block ? ' ' . html::span('hint', self::q($this->t('this_network'))) : '';
             $revoke = $this->form('mfagate-revoke-' . (int) $g['id'], 'revoke',
                 html::tag('input', ['type' => 'hidden', 'name' => '_grant', 'value' => (int) $g['id']])
-                . $this->button($this->t('revoke_button'), 'btn btn-secondary btn-sm', ['aria-label' => $this->t('revoke_label', ['ip' => $ip])]),
+                . html::tag('button', ['type' => 'submit', 'class' => 'btn mfagate-submit mfagate-secondary', 'aria-label' => $this->t('revoke_label', ['ip' => $ip])], self::q($this->t('revoke_button'))),
                 'mfagate-inline');
             $rows .= html::tag('tr', ['data-grant' => (int) $g['id']],
                 html::tag('td', null, self::q($ip) . $this_net)
@@ -323,38 +371,5 @@ class mfagate_ui
                 . html::tag('th', ['scope' => 'col'], self::q($this->t('col_method')))
                 . html::tag('th', ['scope' => 'col'], self::q($this->t('col_action')))))
             . html::tag('tbody', null, $rows));
-    }
-
-    /**
-     * The proof a change needs once a factor is registered: which factor, and its code. For the mailed code,
-     * a button that sends one: a form of its own would nest, so it posts this form with _mfagate_send set, and
-     * the handler sends the code instead of making the change.
-     */
-    private function proof(array $f, $for, array $view)
-    {
-        $options = '';
-        foreach (['totp' => !empty($f['totp']), 'email' => !empty($f['email']), 'backup' => !empty($f['backup_codes_left'])] as $m => $ok) {
-            if ($ok) {
-                $options .= html::tag('option', ['value' => $m], self::q($this->t('method_' . $m)));
-            }
-        }
-
-        $id = "mfagate-proof-$for";
-        $send = '';
-        if (!empty($f['email'])) {
-            $send = $this->button($this->t('proof_send_button', ['to' => $f['email']]), 'btn btn-link', ['name' => '_mfagate_send', 'value' => '1', 'formnovalidate' => 'formnovalidate']);
-            if (!empty($view['proof_sent'])) {
-                $send .= $this->p($this->t('email_sent', ['to' => $view['proof_sent'][0], 'until' => self::jst($view['proof_sent'][1])]), 'hint');
-            }
-        }
-
-        return html::tag('fieldset', ['class' => 'mfagate-proof'],
-            html::tag('legend', null, self::q($this->t('proof_legend')))
-            . $this->p($this->t('proof_hint'), 'hint')
-            . html::div('mfagate-field',
-                html::label(['for' => "$id-method"], self::q($this->t('proof_method_label')))
-                . html::tag('select', ['id' => "$id-method", 'name' => '_method', 'class' => 'form-control custom-select'], $options))
-            . $this->input("$id-code", '_code', $this->t('proof_code_label'), 'backup')
-            . $send);
     }
 }
