@@ -15,6 +15,7 @@
 //                 needs a code.
 // Every plugin page is checked with axe-core (WCAG 2.1 A/AA) and saved under test-artifacts/screenshots/.
 import path from 'node:path';
+import Database from 'better-sqlite3';
 import type { Frame, Page } from 'playwright-core';
 import t, { type Test } from 'tap';
 import { Authenticator, codeIn, decodeMail } from '../helpers/api.js';
@@ -284,14 +285,23 @@ t.test('home C: a backup code passes once; turning MFA off needs a code', async 
   await submit(s, '#mfagate-disable button.mfagate-submit');
   await s.waitForSelector('#mfagate-confirm');
   t.match(await text(s, '#mfagate-state'), /enabled/, 'asked for a code: MFA is still on');
-  await s.selectOption('#mfagate-confirm-method', 'totp');
   await s.fill('#mfagate-confirm-code', '000000');
   await submit(s, '#mfagate-confirm-form button.mfagate-submit');
   t.match(await text(s, '#mfagate-confirm-code-error'), /The OTP is not right/, 'a wrong code: refused, next to the field');
   t.match(await text(s, '#mfagate-state'), /enabled/, 'MFA is still on');
-  await s.fill('#mfagate-confirm-code', await phone.next());
+  // A backup code is a proof too (and saves waiting for the app's next step).
+  await s.selectOption('#mfagate-confirm-method', 'backup');
+  await s.fill('#mfagate-confirm-code', backupCodes[1] ?? '');
   await submit(s, '#mfagate-confirm-form button.mfagate-submit');
   t.match(await text(s, '#mfagate-state'), /disabled/, 'with a code: MFA is off');
+
+  // Removing the external address asks for a code too.
+  await submit(s, '#mfagate-email-remove button.mfagate-submit');
+  t.equal(await text(s, '#mfagate-confirm-what'), 'Remove the external address.');
+  await s.selectOption('#mfagate-confirm-method', 'backup');
+  await s.fill('#mfagate-confirm-code', backupCodes[2] ?? '');
+  await submit(s, '#mfagate-confirm-form button.mfagate-submit');
+  t.match(await text(s, '#mfagate-email-state'), /^Not registered$/, 'the address is removed');
   await page.context().close();
 
   // Back on, and the used backup code is refused at the next sign-in.
@@ -317,3 +327,20 @@ async function mfaSettingsAt(ip: string): Promise<Page> {
   await mfaSettings(page);
   return page;
 }
+
+t.test('no code, key or backup code in Roundcube\'s logs, its preferences or its sessions', async (t) => {
+  const secrets = [...backupCodes, phone.secret];
+  const db = new Database(path.join(rc.dir, 'roundcube.db'), { readonly: true, fileMustExist: true });
+  t.teardown(() => db.close());
+  const prefs = (db.prepare('SELECT preferences FROM users').all() as { preferences: string | null }[]).map((r) => r.preferences ?? '').join('\n');
+  // Roundcube keeps session data base64-encoded; look at it both ways.
+  const sessions = (db.prepare('SELECT vars FROM session').all() as { vars: string }[]).map((r) => `${r.vars}\n${Buffer.from(r.vars, 'base64').toString('utf8')}`).join('\n');
+  t.match(sessions, /username\|s:\d+:"(alice|hanako)"/, 'the sessions were read (decoded)');
+  const logs = rc.logs();
+  t.ok(logs.includes('code-asked'), "the plugin's log is there");
+  for (const secret of secrets) {
+    t.notOk(prefs.includes(secret), `not in the preferences: ${secret.slice(0, 3)}...`);
+    t.notOk(sessions.includes(secret), `not in the sessions: ${secret.slice(0, 3)}...`);
+    t.notOk(logs.includes(secret), `not in the logs: ${secret.slice(0, 3)}...`);
+  }
+});

@@ -12,22 +12,25 @@
 import t from 'tap';
 import { Authenticator } from '../helpers/api.js';
 import { imapLogin } from '../helpers/clients.js';
-import { ROOT } from '../helpers/daemon.js';
+import { ROOT, tempDir } from '../helpers/daemon.js';
 import { type MailStack, freePort, startMailStack } from '../helpers/mailstack.js';
 import { type Answer, type Roundcube, RoundcubeClient, loginToken, startRoundcube } from '../helpers/roundcube.js';
 import { POLICY_KEY, type Served, serve } from '../helpers/served.js';
+import fs from 'node:fs';
 import path from 'node:path';
 
 const CAMPUS = '127.0.0.2';
 const A = '127.0.0.9';
 const B = '127.0.0.10';
 const C = '127.0.0.11';
-const USERS = { alice: 'alice-pw', bob: 'bob-pw' };
+const USERS = { alice: 'alice-pw', bob: 'bob-pw', dave: 'dave-pw' };
+const TOKEN = 'roundcube-api-token-0123456789abcdef';
 
 let stack: MailStack;
 let d: Served;
 let rc: Roundcube;
 let phone: Authenticator;
+let apiPort = 0;
 
 async function roundcube(config: Record<string, unknown> = {}): Promise<Roundcube> {
   return startRoundcube({
@@ -50,9 +53,16 @@ t.before(async () => {
     // Dovecot believes from trusted networks only. %Ln: "alice@mail.test" is alice.
     dovecotExtra: 'login_trusted_networks = 127.0.0.1\nauth_username_format = %Ln',
   });
+  // The API on its socket and on a loopback port with a bearer token, for a webmail that cannot use sockets.
+  const dir = tempDir('mfagate-roundcube-');
+  fs.writeFileSync(path.join(dir, 'token'), `${TOKEN}\n`, { mode: 0o600 });
+  apiPort = await freePort();
   d = await serve({
+    dir,
     dovecotPort: policyPort,
-    toml: `[networks]\ntrusted = ["${CAMPUS}/32"]\nwebmail = ["127.0.0.1/32"]\n[users]\nstrip_realms = ["mail.test"]\n`,
+    toml:
+      `[networks]\ntrusted = ["${CAMPUS}/32"]\nwebmail = ["127.0.0.1/32"]\n[users]\nstrip_realms = ["mail.test"]\n` +
+      `[api]\nlisten = ["unix:${path.join(dir, 'api.sock')}", "127.0.0.1:${apiPort}"]\ntoken_file = "token"\n`,
   });
   rc = await roundcube();
   // alice has the app and MFA on (registered through the API, as Settings would).
@@ -225,6 +235,40 @@ t.test('"Alice@mail.test" is asked for a code as "alice" is; a user without MFA 
   const bob = new Browser(B);
   const m = await bob.logIn('bob', USERS.bob);
   t.match(m.headers.location ?? '', /_task=mail/, 'bob (no MFA) goes straight to his mailbox');
+});
+
+t.test('a lock in mfagate (423) says when to try again', async (t) => {
+  // dave has the app and MFA on; five wrong codes elsewhere lock him ([lockout], counted by mfagate).
+  const begin = await d.api.post('/v1/users/dave/totp', { ip: CAMPUS });
+  const app = new Authenticator(begin.json.secret as string);
+  t.equal((await d.api.post('/v1/users/dave/totp/confirm', { ip: CAMPUS, code: await app.next() })).status, 200);
+  t.equal((await d.api.put('/v1/users/dave/mfa', { ip: CAMPUS })).status, 200);
+  for (let i = 0; i < 5; i++) await d.api.post('/v1/users/dave/verify', { ip: '198.51.100.20', factor: { method: 'totp', code: '000000' } });
+  const b = new Browser(B);
+  const page = await b.follow(await b.logIn('dave', USERS.dave));
+  const r = await b.post('/?_task=login&_action=plugin.mfagate', codeForm(page, 'mfagate-verify-totp', app.peek()));
+  t.ok(isCodePage(r), 'the code page');
+  t.match(r.body, /<div id="mfagate-totp-code-error" class="mfagate-error" role="alert">Too many failed attempts: MFA is locked for a while\. Try again in 15 min\./, 'the lock and how long it lasts, next to the field');
+});
+
+t.test('the API over loopback TCP with the bearer token file', async (t) => {
+  const tokenFile = path.join(d.dir, 'token');
+  const tcp = await roundcube({ mfagate_api_url: `http://127.0.0.1:${apiPort}`, mfagate_api_token_file: tokenFile, mfagate_api_socket: path.join(d.dir, 'not-used.sock') });
+  t.teardown(() => tcp.stop());
+  const b = new Browser(C, tcp);
+  const r = await b.logIn('alice', USERS.alice);
+  t.match(r.headers.location ?? '', /_action=plugin\.mfagate/, 'the code page: mfagate answered over TCP');
+  const line = await d.waitForLog((l) => l['event'] === 'api' && l['ip'] === C && l['status'] === 200);
+  t.equal(line['user'], 'alice');
+
+  const wrongToken = path.join(d.dir, 'wrong-token');
+  fs.writeFileSync(wrongToken, 'not-the-token-at-all\n');
+  const bad = await roundcube({ mfagate_api_url: `http://127.0.0.1:${apiPort}`, mfagate_api_token_file: wrongToken });
+  t.teardown(() => bad.stop());
+  const e = new Browser(CAMPUS, bad);
+  const refused = await e.logIn('bob', USERS.bob);
+  t.ok(isLoginPage(refused), 'a wrong token: nobody is signed in');
+  t.match(refused.body, /Multi-factor authentication cannot be checked right now/, 'saying why');
 });
 
 t.test('mfagate unreachable or stopped: nobody is signed in, and the login page says why', async (t) => {
