@@ -66,8 +66,20 @@ export interface Config {
   otp: { digits: number; ttlMs: number; refusedEmailDomains: string[] };
   mail: { smtp: string; from: string; notify: boolean };
   lockout: { maxFailures: number; windowMs: number; durationMs: number; ipMaxFailures: number };
+  appPasscodes: {
+    enabled: boolean;
+    /** What a new passcode may be used for unless its creator chooses fewer. */
+    protocols: PasscodeProtocol[];
+    maxPerUser: number;
+    /** How long a new passcode works; undefined: until revoked. */
+    ttlMs: number | undefined;
+  };
   log: { level: 'debug' | 'info' | 'warn' | 'error' };
 }
+
+/** The protocols an app passcode can be limited to ("smtp" covers SMTP AUTH and Dovecot's submission). */
+export const PASSCODE_PROTOCOLS = ['imap', 'pop3', 'smtp', 'sieve'] as const;
+export type PasscodeProtocol = (typeof PASSCODE_PROTOCOLS)[number];
 
 // ---- field checks -------------------------------------------------------------------------------------
 
@@ -218,6 +230,20 @@ const schema = z.strictObject({
       ip_max_failures: z.int().min(1).max(100000).default(50),
     })
     .prefault({}),
+  app_passcodes: z
+    .strictObject({
+      enabled: z.boolean().default(false),
+      protocols: z
+        .array(z.enum(PASSCODE_PROTOCOLS, { message: 'expected "imap", "pop3", "smtp" or "sieve"' }))
+        .min(1, { message: 'expected at least one protocol' })
+        .default([...PASSCODE_PROTOCOLS]),
+      max_per_user: z.int().min(1, { message: 'expected 1..100' }).max(100, { message: 'expected 1..100' }).default(20),
+      ttl: z
+        .string()
+        .refine((s) => s === '' || parseDuration(s) !== undefined, { message: `expected ${DURATION_EXPECTED}, or "" for no expiry` })
+        .default(''),
+    })
+    .prefault({}),
   log: z
     .strictObject({ level: z.enum(['debug', 'info', 'warn', 'error'], { message: 'expected "debug", "info", "warn" or "error"' }).default('info') })
     .prefault({}),
@@ -337,6 +363,12 @@ function fromRaw(raw: RawConfig, file: string | undefined, baseDir: string): Con
       windowMs: parseDuration(raw.lockout.window) ?? 0,
       durationMs: parseDuration(raw.lockout.duration) ?? 0,
       ipMaxFailures: raw.lockout.ip_max_failures,
+    },
+    appPasscodes: {
+      enabled: raw.app_passcodes.enabled,
+      protocols: [...new Set(raw.app_passcodes.protocols)],
+      maxPerUser: raw.app_passcodes.max_per_user,
+      ttlMs: raw.app_passcodes.ttl === '' ? undefined : parseDuration(raw.app_passcodes.ttl),
     },
     log: raw.log,
   };

@@ -34,8 +34,8 @@ export interface ApiRoute {
 
 const ip = (mfa: MfaService, r: ApiRequest) => mfa.ip(r.body['ip']);
 
-function grantId(raw: string | undefined): number {
-  if (raw === undefined || !/^[1-9]\d{0,15}$/.test(raw)) throw new MfaError('bad-request', 'id: expected a grant number from the grants list');
+function numericId(raw: string | undefined, what: string): number {
+  if (raw === undefined || !/^[1-9]\d{0,15}$/.test(raw)) throw new MfaError('bad-request', `id: expected ${what}`);
   return Number(raw);
 }
 
@@ -160,8 +160,35 @@ export const API_ROUTES: readonly ApiRoute[] = [
     body: { required: ['ip'], optional: [] },
     query: [],
     handler: (mfa, r) => {
-      const id = grantId(r.params['id']);
+      const id = numericId(r.params['id'], 'a grant number from the grants list');
       return { grant: mfa.revokeGrant(r.user, ip(mfa, r), id) };
+    },
+  },
+  {
+    method: 'GET',
+    path: '/v1/users/{user}/passcodes',
+    operationId: 'listPasscodes',
+    body: null,
+    query: [],
+    handler: (mfa, r) => ({ passcodes: mfa.passcodeList(r.user) }),
+  },
+  {
+    method: 'POST',
+    path: '/v1/users/{user}/passcodes',
+    operationId: 'createPasscode',
+    body: { required: ['ip', 'name', 'factor'], optional: ['protocols'] },
+    query: [],
+    handler: (mfa, r) => mfa.passcodeCreate(r.user, ip(mfa, r), r.body['factor'], r.body['name'], r.body['protocols']),
+  },
+  {
+    method: 'DELETE',
+    path: '/v1/users/{user}/passcodes/{id}',
+    operationId: 'revokePasscode',
+    body: { required: ['ip'], optional: [] },
+    query: [],
+    handler: (mfa, r) => {
+      const id = numericId(r.params['id'], 'a passcode number from the passcodes list');
+      return { passcode: mfa.passcodeRevoke(r.user, ip(mfa, r), id) };
     },
   },
 ];

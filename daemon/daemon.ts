@@ -46,6 +46,7 @@ const REPORT_FLUSH_MS = 1000;
 const STATS_FLUSH_MS = 5000;
 const PURGE_EVERY_MS = 10 * 60_000;
 const WEB_SWEEP_MS = 60_000;
+const PASSCODE_SWEEP_MS = 60_000;
 /** How often the store's and the key's paths are checked (a deleted or replaced file is put back). */
 const FILES_CHECK_MS = 1000;
 /** A problem that persists is logged again this often, not on every check. */
@@ -105,6 +106,7 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
       mailer: () => mailer as Mailer,
       logger,
       clock,
+      passcodes: service.passcodes,
     });
     for (const e of config.dovecot.listen) {
       const server = createDovecotServer(service);
@@ -162,7 +164,11 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
       t.unref();
       timers.push(t);
     };
-    every(REPORT_FLUSH_MS, () => service.flushReports());
+    every(REPORT_FLUSH_MS, () => {
+      service.flushReports();
+      service.passcodes.flushUses();
+    });
+    every(PASSCODE_SWEEP_MS, () => service.passcodes.sweep());
     every(STATS_FLUSH_MS, () => store.writeDaemonStats(pid, Date.now(), service.counters));
     const purge = () => {
       const now = Date.now();
@@ -174,6 +180,11 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
       if (total > 0) logger.log('info', 'grants-purged', { count: total });
       // Failed factor attempts only count inside the lockout window.
       store.mfa.purgeFailures(now - Math.max(service.config.lockout.windowMs, FAILURES_KEPT_MS));
+      // Passcodes revoked or expired long ago, as grants are ([grants] purge_after).
+      let passcodes = 0;
+      const purgePasscodes = () => store.db.transaction(() => store.passcodes.purge(now - service.config.grants.purgeAfterMs)).immediate();
+      for (let n = purgePasscodes(); n > 0; n = purgePasscodes()) passcodes += n;
+      if (passcodes > 0) logger.log('info', 'passcodes-purged', { count: passcodes });
     };
     every(PURGE_EVERY_MS, purge);
     if (webs.length > 0) every(WEB_SWEEP_MS, () => webs.forEach((w) => w.sweep()));
@@ -276,6 +287,7 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
         await Promise.race([Promise.all(closing), new Promise((r) => setTimeout(r, 3000))]);
         clearTimeout(grace);
         service.flushReports();
+        service.passcodes.flushUses();
         mailer?.close();
         try {
           store.writeDaemonStats(pid, Date.now(), service.counters, Date.now());

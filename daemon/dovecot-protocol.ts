@@ -14,6 +14,17 @@ export interface DovecotRequest {
   protocol: string;
   success: boolean | undefined;
   policyReject: boolean | undefined;
+  /** The app passcode the login was made with (`passcode=%{passdb:mfagate_passcode}`), when there was one. */
+  passcode: number | undefined;
+}
+
+/** What the Lua passdb sends to POST /passcode: a password that has the shape of a passcode. */
+export interface PasscodeCheckRequest {
+  login: string;
+  passcode: string;
+  remote: string;
+  realRemote: string | undefined;
+  protocol: string;
 }
 
 export type ParseResult<T> = { ok: true; value: T } | { ok: false; error: string };
@@ -118,7 +129,8 @@ function flag(o: Record<string, unknown>, name: string): ParseResult<boolean | u
   return { ok: false, error: `"${name}" is not a boolean` };
 }
 
-export function parseDovecotBody(body: string, command: DovecotCommand = 'allow'): ParseResult<DovecotRequest> {
+/** The JSON object of a request body, refused when it is not one or repeats a key. */
+function jsonObject(body: string): ParseResult<Record<string, unknown>> {
   let data: unknown;
   try {
     data = JSON.parse(body);
@@ -129,6 +141,11 @@ export function parseDovecotBody(body: string, command: DovecotCommand = 'allow'
   const o = data as Record<string, unknown>;
   const repeated = repeatedTopLevelKey(body, o);
   if (repeated !== undefined) return { ok: false, error: `attribute ${JSON.stringify(repeated.slice(0, 64))} given twice` };
+  return { ok: true, value: o };
+}
+
+/** The attributes every request must carry, each once and usable: the login, the addresses, the protocol. */
+function loginAttributes(o: Record<string, unknown>): ParseResult<{ login: string; remote: string; realRemote: string | undefined; protocol: string }> {
   const login = field(o, NAMES.login);
   if (!login.ok) return login;
   if (login.value === undefined || login.value === '') return { ok: false, error: 'missing "login"' };
@@ -141,22 +158,46 @@ export function parseDovecotBody(body: string, command: DovecotCommand = 'allow'
   if (!protocol.ok) return protocol;
   if (protocol.value === undefined || protocol.value === '') return { ok: false, error: 'missing "protocol"' };
   if (!PROTOCOL_NAME.test(protocol.value)) return { ok: false, error: `"protocol" is not a protocol name: ${JSON.stringify(protocol.value.slice(0, 40))}` };
-  const success = flag(o, 'success');
+  return {
+    ok: true,
+    value: { login: login.value, remote: remote.value, realRemote: realRemote.value === '' ? undefined : realRemote.value, protocol: protocol.value },
+  };
+}
+
+export function parseDovecotBody(body: string, command: DovecotCommand = 'allow'): ParseResult<DovecotRequest> {
+  const o = jsonObject(body);
+  if (!o.ok) return o;
+  const base = loginAttributes(o.value);
+  if (!base.ok) return base;
+  const success = flag(o.value, 'success');
   if (!success.ok) return success;
-  const policyReject = flag(o, 'policy_reject');
+  const policyReject = flag(o.value, 'policy_reject');
   if (!policyReject.ok) return policyReject;
   if (command === 'report' && success.value === undefined) return { ok: false, error: 'report without "success"' };
+  const passcode = field(o.value, ['passcode']);
+  if (!passcode.ok) return passcode;
+  if (passcode.value !== undefined && passcode.value !== '' && !/^[1-9]\d{0,15}$/.test(passcode.value)) return { ok: false, error: '"passcode" is not a passcode id' };
   return {
     ok: true,
     value: {
-      login: login.value,
-      remote: remote.value,
-      realRemote: realRemote.value === '' ? undefined : realRemote.value,
-      protocol: protocol.value,
+      ...base.value,
       success: success.value,
       policyReject: policyReject.value,
+      passcode: passcode.value === undefined || passcode.value === '' ? undefined : Number(passcode.value),
     },
   };
+}
+
+/** POST /passcode from the Lua passdb: the login's attributes, as strictly as a policy request, and the passcode. */
+export function parsePasscodeBody(body: string): ParseResult<PasscodeCheckRequest> {
+  const o = jsonObject(body);
+  if (!o.ok) return o;
+  const base = loginAttributes(o.value);
+  if (!base.ok) return base;
+  const passcode = field(o.value, ['passcode']);
+  if (!passcode.ok) return passcode;
+  if (passcode.value === undefined || passcode.value === '' || passcode.value.length > 128) return { ok: false, error: 'missing "passcode"' };
+  return { ok: true, value: { ...base.value, passcode: passcode.value } };
 }
 
 export function allowBody(): string {

@@ -2,7 +2,7 @@
 import crypto from 'node:crypto';
 import http from 'node:http';
 import type net from 'node:net';
-import { allowBody, parseDovecotBody, parseTarget, refuseBody } from './dovecot-protocol.js';
+import { allowBody, parseDovecotBody, parsePasscodeBody, parseTarget, refuseBody } from './dovecot-protocol.js';
 import type { PolicyService } from './service.js';
 
 const JSON_HEADERS = { 'content-type': 'application/json' };
@@ -22,6 +22,7 @@ function keyMatches(presented: string, key: string): boolean {
 const FAST_TARGETS = new Map<string, { path: string; command: string }>([
   ['/?command=allow', { path: '/', command: 'allow' }],
   ['/?command=report', { path: '/', command: 'report' }],
+  ['/?command=passcode', { path: '/', command: 'passcode' }],
 ]);
 
 /** The key Dovecot sent: the configured header, or X-API-Key (Dovecot's default when no header name is given). */
@@ -52,7 +53,7 @@ export function createDovecotServer(service: PolicyService): http.Server {
     if (target.value.path !== '/') return fail(404, 'unknown path');
     if (req.method !== 'POST') return send(405, JSON.stringify({ error: 'use POST' }), { ...JSON_HEADERS, allow: 'POST' });
     const command = target.value.command;
-    if (command !== 'allow' && command !== 'report') return fail(400, 'command must be "allow" or "report"');
+    if (command !== 'allow' && command !== 'report' && command !== 'passcode') return fail(400, 'command must be "allow", "report" or "passcode"');
 
     const { apiKey, apiHeader, maxBodyBytes } = service.config.dovecot;
     if (apiKey !== '') {
@@ -77,6 +78,23 @@ export function createDovecotServer(service: PolicyService): http.Server {
     req.on('error', () => req.destroy());
     req.on('end', () => {
       if (tooBig) return;
+      if (command === 'passcode') {
+        // Dovecot's Lua passdb: is this password an app passcode? (It sends only what has a passcode's shape.)
+        const p = parsePasscodeBody(Buffer.concat(chunks).toString('utf8'));
+        if (!p.ok) return fail(400, p.error);
+        service.checkPasscode(p.value).then(
+          (outcome) => {
+            if (!outcome.ok) return send(400, JSON.stringify({ error: outcome.error }));
+            const r = outcome.result;
+            send(200, r.ok ? JSON.stringify({ result: 'ok', passcode: String(r.id) }) : JSON.stringify({ result: 'fail' }));
+          },
+          (e: unknown) => {
+            service.logger.log('error', 'passcode-check-failed', { error: e instanceof Error ? e.message : String(e) });
+            send(500, '{"error":"internal"}');
+          },
+        );
+        return;
+      }
       const parsed = parseDovecotBody(Buffer.concat(chunks).toString('utf8'), command);
       if (!parsed.ok) return fail(400, parsed.error);
       const r = parsed.value;
@@ -85,7 +103,7 @@ export function createDovecotServer(service: PolicyService): http.Server {
         if (!stored) return fail(400, 'report with an unacceptable login or remote address');
         return send(200, '{}');
       }
-      const outcome = service.check({ endpoint: 'dovecot', login: r.login, remote: r.remote, realRemote: r.realRemote, protocol: r.protocol });
+      const outcome = service.check({ endpoint: 'dovecot', login: r.login, remote: r.remote, realRemote: r.realRemote, protocol: r.protocol, passcode: r.passcode });
       // Refused by the service (and logged there): with auth_policy_reject_on_fail = yes, Dovecot refuses the login.
       if (!outcome.ok) return send(400, JSON.stringify({ error: outcome.error }));
       send(200, outcome.decision.allow ? allowBody() : refuseBody(outcome.message));

@@ -5,6 +5,8 @@ import { parseAddress } from '../policy/address.js';
 import { type Decision, type PolicySettings, decide } from '../policy/decide.js';
 import { isAcceptableUserName, normaliseUser } from '../policy/user.js';
 import type { LoginReport, Store } from '../store/store.js';
+import { type CheckResult, PasscodeService, passcodeProtocolOf } from '../mfa/passcodes.js';
+import type { PasscodeCheckRequest } from './dovecot-protocol.js';
 import { type Logger, errorText } from './log.js';
 
 export interface Counters {
@@ -20,6 +22,8 @@ export interface CheckInput {
   remote: string;
   realRemote?: string | undefined;
   protocol: string;
+  /** Dovecot: the app passcode the login was made with (the Lua passdb's field), if any. */
+  passcode?: number | undefined;
 }
 
 export type CheckOutcome =
@@ -32,6 +36,9 @@ export class PolicyService {
   readonly counters: Counters = { allowed: 0, refused: 0, logOnly: 0, badRequests: 0 };
   private reports: LoginReport[] = [];
 
+  /** App passcodes: checked for Dovecot's Lua passdb, and the passcode rule of the decision. */
+  readonly passcodes: PasscodeService;
+
   constructor(
     config: Config,
     readonly store: Store,
@@ -40,6 +47,7 @@ export class PolicyService {
   ) {
     this.config = config;
     this.settings = policySettings(config);
+    this.passcodes = new PasscodeService({ store, config: () => this.config, logger, clock });
   }
 
   /** Swap in a reloaded configuration (SIGHUP). */
@@ -59,7 +67,16 @@ export class PolicyService {
     if (input.realRemote !== undefined && !realAddress) return this.bad(input, 'real_remote address is not an IP address');
     const protocol = input.protocol.toLowerCase();
     const now = this.clock();
-    const decision = decide(this.settings, { user, address, realAddress, protocol, now }, this.store);
+    // An app passcode: Dovecot names it (a check of it passed moments ago); Postfix cannot, so an SMTP AUTH
+    // that Dovecot allowed with a passcode stands for this user and address for a while.
+    const ip = address.toString();
+    const passcodeId = input.endpoint === 'postfix' ? this.passcodes.smtpSession(user, ip) : input.passcode;
+    // (smtpSession looked up whether it still works for SMTP.)
+    const passcode = passcodeId !== undefined && (input.endpoint === 'postfix' || this.passcodes.loginAllowed(user, ip, passcodeId, protocol));
+    const decision = decide(this.settings, { user, address, realAddress, protocol, now, passcode }, this.store);
+    if (decision.rule === 'app-passcode' && input.endpoint === 'dovecot' && passcodeId !== undefined && passcodeProtocolOf(protocol) === 'smtp') {
+      this.passcodes.noteSmtpSession(user, ip, passcodeId);
+    }
     if (decision.logOnly) this.counters.logOnly++;
     if (decision.allow) this.counters.allowed++;
     else this.counters.refused++;
@@ -75,8 +92,38 @@ export class PolicyService {
       ...(decision.logOnly ? { log_only: 'would refuse' } : {}),
       ...(decision.untrustedRange ? { untrusted_range: true } : {}),
       ...(decision.grant ? { grant: decision.grant.id } : {}),
+      ...(passcodeId !== undefined ? { passcode: passcodeId } : {}),
     });
     return { ok: true, user, decision, message: refusalMessage(this.config, protocol) };
+  }
+
+  /**
+   * POST /passcode from Dovecot's Lua passdb: is this password a working app passcode of the user for the
+   * protocol? Logged once per check (never the passcode).
+   */
+  async checkPasscode(r: PasscodeCheckRequest): Promise<{ ok: true; result: CheckResult } | { ok: false; error: string }> {
+    const user = normaliseUser(r.login, this.config.users);
+    const input: CheckInput = { endpoint: 'dovecot', login: r.login, remote: r.remote, protocol: r.protocol };
+    if (!isAcceptableUserName(user)) return this.bad(input, 'unacceptable user name');
+    const address = parseAddress(r.remote);
+    if (!address) return this.bad(input, 'remote address is not an IP address');
+    const ip = address.toString();
+    const result = await this.passcodes.check({
+      user,
+      passcode: r.passcode,
+      ip,
+      protocol: r.protocol,
+      realIp: r.realRemote,
+      isWebmail: (a) => {
+        const parsed = parseAddress(a);
+        return parsed !== undefined && this.settings.webmail.has(parsed);
+      },
+    });
+    const fields = { endpoint: 'dovecot', user, ip, protocol: r.protocol.toLowerCase(), result: result.ok ? 'ok' : 'fail', ...(result.ok ? { passcode: result.id, name: result.name } : { reason: result.reason }) };
+    if (result.ok) this.logger.log('info', 'passcode-check', fields);
+    // Failures are what a guesser repeats: counted, not written one by one.
+    else this.logger.repeated('warn', 'passcode-check', `${user} ${ip} ${result.reason}`, fields);
+    return { ok: true, result };
   }
 
   /** Dovecot's report after an attempt; stored in batches (see flushReports). */
@@ -100,7 +147,7 @@ export class PolicyService {
     }
   }
 
-  private bad(input: CheckInput, error: string): CheckOutcome {
+  private bad(input: CheckInput, error: string): { ok: false; error: string } {
     this.counters.badRequests++;
     this.logger.repeated('warn', 'bad-request', `${input.endpoint} ${error}`, { endpoint: input.endpoint, error, protocol: input.protocol });
     return { ok: false, error };

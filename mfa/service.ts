@@ -14,6 +14,7 @@ import { MailError, type Mailer } from './mailer.js';
 import { addressChangedMail, grantNoticeMail, loginCodeMail, verifyAddressMail } from './messages.js';
 import type { Secrets } from './secrets.js';
 import { matchStep, newSecret, otpauthUri } from './totp.js';
+import { PasscodeError, PasscodeService, type PasscodeView, groupPasscode } from './passcodes.js';
 import QRCode from 'qrcode';
 
 export type Method = 'totp' | 'email' | 'backup';
@@ -69,6 +70,8 @@ export interface Deps {
   mailer: () => Mailer;
   logger: Logger;
   clock?: () => number;
+  /** App passcodes (the daemon shares its PolicyService's); a service of its own when not given. */
+  passcodes?: PasscodeService;
 }
 
 const BACKUP_ALPHABET = '23456789abcdefghjkmnpqrstuvwxyz';
@@ -91,13 +94,23 @@ function randomCode(digits: number): string {
   return s;
 }
 
+/** PasscodeService's errors in the API's catalogue (anything else is rethrown as it is). */
+function passcodeFailure(e: unknown): never {
+  if (!(e instanceof PasscodeError)) throw e;
+  throw new MfaError(e.code === 'not-found' ? 'not-registered' : e.code === 'bad-request' ? 'bad-request' : 'conflict', e.message);
+}
+
 export class MfaService {
   private readonly clock: () => number;
   /** Users with a send in flight: one at a time per user, so the send limits cannot be raced. */
   private readonly sending = new Set<string>();
 
+  /** App passcodes: made here with a passed factor, checked by the policy service. */
+  readonly passcodes: PasscodeService;
+
   constructor(private readonly d: Deps) {
     this.clock = d.clock ?? Date.now;
+    this.passcodes = d.passcodes ?? new PasscodeService({ store: d.store, config: d.config, logger: d.logger, clock: this.clock });
   }
 
   private get config(): Config {
@@ -590,10 +603,47 @@ export class MfaService {
     return this.grantView(revoked);
   }
 
+  // ---- app passcodes --------------------------------------------------------------------------------------
+
+  /**
+   * A new app passcode for a device: only with a passed factor (a user without MFA factors has no passcodes).
+   * The passcode is in this answer only, grouped for reading ("abcd efgh jkmn pqrs").
+   */
+  async passcodeCreate(user: string, ip: string, rawProof: unknown, rawName: unknown, rawProtocols: unknown): Promise<{ passcode: PasscodeView; code: string }> {
+    const { name, protocols } = this.passcodeCall(() => this.passcodes.parseRequest(rawName, rawProtocols));
+    if (!this.hasFactor(user)) throw new MfaError('no-factor', 'register the app or an external address (and pass MFA) before making app passcodes');
+    const proof = this.parseProof(rawProof);
+    if (!proof) throw new MfaError('proof-required');
+    const made = await this.passcodes.prepare(user, name, protocols, undefined, 'api').catch(passcodeFailure);
+    const now = this.clock();
+    const view = this.consumeThen(user, ip, proof, now, () => {
+      this.audit('factor-pass', user, ip, { method: proof.method, for: 'passcode' });
+      return this.passcodeCall(made.insert);
+    });
+    this.d.logger.log('info', 'passcode-added', { user, ip, passcode: view.id, name: view.name, protocols: view.protocols.join(',') });
+    return { passcode: view, code: groupPasscode(made.passcode) };
+  }
+
+  passcodeList(user: string): PasscodeView[] {
+    return this.passcodes.list(user);
+  }
+
+  passcodeRevoke(user: string, ip: string, id: number): PasscodeView {
+    return this.passcodeCall(() => this.passcodes.revoke(user, id, 'api', `revoked by the user from ${ip}`));
+  }
+
+  private passcodeCall<T>(fn: () => T): T {
+    try {
+      return fn();
+    } catch (e) {
+      return passcodeFailure(e);
+    }
+  }
+
   // ---- helpdesk --------------------------------------------------------------------------------------------
 
   /** After a lost phone: removes every factor and backup code, revokes every grant; MFA stays required. */
-  reset(user: string, actor: string, reason: string): { grantsRevoked: number } {
+  reset(user: string, actor: string, reason: string): { grantsRevoked: number; passcodesRevoked: number } {
     const now = this.clock();
     return this.d.store.db
       .transaction(() => {
@@ -605,8 +655,10 @@ export class MfaService {
         this.mfa.clearFailures(user);
         this.mfa.setLock(user, null, now);
         const revoked = this.d.store.revokeGrants({ user }, actor, reason || 'factors reset', now);
-        this.d.store.audit(now, actor, 'user-reset', user, null, null, { reason, grants_revoked: revoked.length });
-        return { grantsRevoked: revoked.length };
+        // A lost phone (or a changed password) must end every device too.
+        const passcodes = this.passcodes.revokeAll(user, actor, reason || 'factors reset');
+        this.d.store.audit(now, actor, 'user-reset', user, null, null, { reason, grants_revoked: revoked.length, passcodes_revoked: passcodes.length });
+        return { grantsRevoked: revoked.length, passcodesRevoked: passcodes.length };
       })
       .immediate();
   }

@@ -50,6 +50,11 @@ export interface DecisionRequest {
   realAddress?: Address | undefined;
   protocol: string;
   now: number;
+  /**
+   * The login was made with a working app passcode for this protocol (checked by the caller: mfagate's passcode
+   * check passed for this user and address moments ago, and the passcode still works).
+   */
+  passcode?: boolean | undefined;
 }
 
 export interface Decision {
@@ -104,6 +109,8 @@ export function decide(settings: PolicySettings, req: DecisionRequest, facts: Fa
   if (!settings.protocols.has(req.protocol.toLowerCase())) return done('allow', 'protocol-not-enforced');
   // 3. Networks. The webmail host comes first: it does its own MFA whatever the browser's address.
   if (req.realAddress && settings.webmail.has(req.realAddress)) return done('allow', 'webmail-host');
+  // An app passcode (a per-device password made after passing MFA) works from any network.
+  if (req.passcode) return done('allow', 'app-passcode');
   if (isTrustedNetwork(settings, req.address)) return done('allow', 'trusted-network');
   untrustedRange = settings.untrusted.has(req.address);
   // 4. Is MFA required for this user?

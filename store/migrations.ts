@@ -130,6 +130,30 @@ export const MIGRATIONS: readonly { version: number; name: string; sql: string }
       CREATE INDEX failures_block ON failures (block, at);
     `,
   },
+  {
+    version: 4,
+    name: 'app passcodes: per-device passwords for mail programs, stored as scrypt hashes under a public selector',
+    sql: `
+      CREATE TABLE passcodes (
+        id                 INTEGER PRIMARY KEY,
+        user               TEXT NOT NULL,
+        name               TEXT NOT NULL,
+        selector           TEXT NOT NULL UNIQUE,  -- the passcode's first letters: finds the row, proves nothing
+        salt               BLOB NOT NULL,
+        hash               BLOB NOT NULL,         -- scrypt of the whole passcode, bound to the user
+        protocols          TEXT NOT NULL,         -- comma-separated: imap,pop3,smtp,sieve
+        created_at         INTEGER NOT NULL,
+        created_by         TEXT NOT NULL,
+        expires_at         INTEGER,
+        revoked_at         INTEGER,
+        revoked_by         TEXT,
+        last_used_at       INTEGER,
+        last_used_ip       TEXT,
+        last_used_protocol TEXT
+      );
+      CREATE INDEX passcodes_user ON passcodes (user, created_at);
+    `,
+  },
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]?.version ?? 0;

@@ -5,6 +5,7 @@ import path from 'node:path';
 import type Database from 'better-sqlite3';
 import type { Facts, GrantFacts, LookupResult } from '../policy/decide.js';
 import { MfaStore } from './mfa-store.js';
+import { PasscodeStore } from './passcode-store.js';
 import { giveToDaemonUser } from './ownership.js';
 import { MIGRATIONS, SCHEMA_VERSION } from './migrations.js';
 import { type FileState, OpenedFile, StoreError, companions, openDatabase } from './sqlite-file.js';
@@ -133,7 +134,7 @@ export interface OpenOptions {
 }
 
 export class Store implements Facts {
-  private conn!: { db: Database.Database; st: Statements; mfa: MfaStore };
+  private conn!: { db: Database.Database; st: Statements; mfa: MfaStore; passcodes: PasscodeStore };
   /** Which file the path named when it was opened. */
   private opened!: OpenedFile;
   /** listGrants' statements by their SQL text. */
@@ -180,12 +181,17 @@ export class Store implements Facts {
     return this.conn.mfa;
   }
 
+  /** App passcodes. */
+  get passcodes(): PasscodeStore {
+    return this.conn.passcodes;
+  }
+
   private get st(): Statements {
     return this.conn.st;
   }
 
   private attach(db: Database.Database): void {
-    this.conn = { db, st: prepareStatements(db), mfa: new MfaStore(db) };
+    this.conn = { db, st: prepareStatements(db), mfa: new MfaStore(db), passcodes: new PasscodeStore(db) };
     this.listStatements = new Map();
     this.opened = new OpenedFile(this.file);
   }

@@ -28,7 +28,7 @@ function exampleKeys(): string[] {
 
 /**
  * "section.key" for every key config/config.ts accepts, read off the loaded defaults: each field of the
- * Config object is its TOML key in camelCase, with durations carrying an "Ms" suffix (ttl -> ttlMs).
+ * Config object (and section) is its TOML key in camelCase, with durations carrying an "Ms" suffix (ttl -> ttlMs).
  */
 function acceptedKeys(): string[] {
   const config = loadConfig(undefined, ROOT) as unknown as Record<string, unknown>;
@@ -37,7 +37,8 @@ function acceptedKeys(): string[] {
     if (section === 'file') continue;
     if (!isTable(fields)) throw new Error(`unexpected Config field ${section}`);
     for (const field of Object.keys(fields)) {
-      keys.push(`${section}.${field.replace(/Ms$/, '').replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)}`);
+      const snake = (name: string) => name.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
+      keys.push(`${snake(section)}.${snake(field.replace(/Ms$/, ''))}`);
     }
   }
   return keys.sort();

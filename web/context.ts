@@ -8,7 +8,7 @@ import type { RangeList } from '../policy/address.js';
 import type { PolicySettings } from '../policy/decide.js';
 import type { DovecotAuthRequest, DovecotAuthResult } from './dovecot-auth.js';
 import type { Lang, Text } from './i18n.js';
-import type { FailureLimiter } from './limiter.js';
+import type { FailureLimiter } from '../mfa/limiter.js';
 import type * as pages from './pages.js';
 import type { Notice, Session, SessionStore } from './session.js';
 import type { Flash, SignInGuard } from './signin.js';

@@ -14,7 +14,7 @@ import { ForwardedError, clientIp } from './client-ip.js';
 import { type Ctx, type Kit, type Routed, type WebDeps, parseCookies } from './context.js';
 import { type DovecotAuthRequest, checkPassword } from './dovecot-auth.js';
 import { type Lang, LANGS, pickLang, TEXT, type Text } from './i18n.js';
-import { FailureLimiter } from './limiter.js';
+import { FailureLimiter } from '../mfa/limiter.js';
 import * as pages from './pages.js';
 import { signedInRoutes } from './routes.js';
 import { type Notice, SESSION_MAX_AGE_MS, SessionStore, sameToken } from './session.js';

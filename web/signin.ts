@@ -13,7 +13,7 @@ import crypto from 'node:crypto';
 import { normaliseUser } from '../policy/user.js';
 import type { Ctx, Kit } from './context.js';
 import { credentialProblem } from './dovecot-auth.js';
-import { namesOf } from './limiter.js';
+import { namesOf } from '../mfa/limiter.js';
 
 export const PRE_COOKIE = 'mfagate_pre';
 

@@ -52,6 +52,9 @@ from = "mfa@example.ac.jp"
 max_failures = 3
 [enforcement]
 exempt_users = ["svc-backup"]
+[app_passcodes]
+enabled = true
+max_per_user = 3
 `,
   });
   api = apiClient({ socketPath: d.apiSocket });
@@ -458,6 +461,55 @@ t.test('lockout: repeated failures lock the user (423 with Retry-After); the sta
   await advance(15 * 60_000 + 1000);
   t.equal((await api.post(u(user, 'verify'), { ip: B, factor: { method: 'totp', code: await phone.next() } })).status, 200, 'after the lock: in');
   t.equal((await api.get(u(user, 'status'))).json.locked_until, null);
+});
+
+t.test('app passcodes: only with a passed factor, shown once, listed with their last use, revoked', async (t) => {
+  const user = 'paula';
+  t.match((await api.post(u(user, 'passcodes'), { ip: A, name: 'iPhone', factor: { method: 'totp', code: '123456' } })).json, { error: 'no-factor' }, 'no factor, no passcode');
+  const begin = await api.post(u(user, 'totp'), { ip: A });
+  const phone = new Authenticator(begin.json.secret as string, clock, advance);
+  t.equal((await api.post(u(user, 'totp/confirm'), { ip: A, code: await phone.next() })).status, 200);
+
+  const noProof = await api.post(u(user, 'passcodes'), { ip: A, name: 'iPhone' });
+  t.equal(noProof.status, 400, 'factor is a required field');
+  const wrong = await api.post(u(user, 'passcodes'), { ip: A, name: 'iPhone', factor: { method: 'totp', code: '000000' } });
+  t.match(wrong, { status: 403, json: { error: 'factor-failed' } }, 'a wrong code: no passcode');
+  for (const [body, what] of [
+    [{ ip: A, name: '', factor: { method: 'totp', code: '1' } }, 'an empty name'],
+    [{ ip: A, name: 'x'.repeat(65), factor: { method: 'totp', code: '1' } }, 'a long name'],
+    [{ ip: A, name: 'phone', protocols: ['imap', 'ftp'], factor: { method: 'totp', code: '1' } }, 'an unknown protocol'],
+    [{ ip: A, name: 'phone', protocols: [], factor: { method: 'totp', code: '1' } }, 'no protocol'],
+  ] as const) {
+    t.match(await api.post(u(user, 'passcodes'), body), { status: 400, json: { error: 'bad-request' } }, what);
+  }
+
+  const made = await api.post(u(user, 'passcodes'), { ip: A, name: 'iPhone', protocols: ['imap', 'smtp'], factor: { method: 'totp', code: await phone.next() } });
+  t.equal(made.status, 200, made.text);
+  t.match(made.json.code, /^[a-hjkmnp-z]{4}( [a-hjkmnp-z]{4}){3}$/, 'four groups of four letters, no look-alikes');
+  secrets.add(made.json.code as string);
+  secrets.add((made.json.code as string).replace(/ /g, ''));
+  t.match(made.json.passcode, { id: Number, name: 'iPhone', protocols: ['imap', 'smtp'], created_by: 'api', expires_at: null, last_used_at: null });
+
+  const list = await api.get(u(user, 'passcodes'));
+  t.equal(list.status, 200);
+  t.same(list.json.passcodes.map((p: { name: string }) => p.name), ['iPhone']);
+  t.notMatch(list.text, new RegExp((made.json.code as string).slice(5, 14)), 'the list never shows the passcode');
+  const row = d.daemon.service.store.passcodes.byId(made.json.passcode.id as number);
+  t.ok(row && !row.hash.toString('latin1').includes((made.json.code as string).replace(/ /g, '')), 'the store keeps only a hash');
+
+  // At most [app_passcodes] max_per_user (3 here).
+  for (const name of ['Android', 'iPad']) t.equal((await api.post(u(user, 'passcodes'), { ip: A, name, factor: { method: 'totp', code: await phone.next() } })).status, 200);
+  t.match(await api.post(u(user, 'passcodes'), { ip: A, name: 'fourth', factor: { method: 'totp', code: await phone.next() } }), { status: 409, json: { error: 'conflict', message: /at most 3/ } }, 'the fourth is refused');
+
+  const id = made.json.passcode.id as number;
+  const revoked = await api.del(u(user, `passcodes/${id}`), { ip: A });
+  t.equal(revoked.status, 200);
+  t.type(revoked.json.passcode.revoked_at, 'string');
+  t.match(await api.del(u(user, `passcodes/${id}`), { ip: A }), { status: 409, json: { error: 'not-registered' } }, 'revoked twice: gone');
+  const left = (await api.get(u(user, 'passcodes'))).json.passcodes as { id: number }[];
+  t.equal(left.length, 2, 'two left');
+  t.match(await api.del(u('someone-else', `passcodes/${left[0]?.id}`), { ip: A }), { status: 409, json: { error: 'not-registered' } }, "another user's passcode cannot be revoked");
+  t.equal((await api.get(u(user, 'passcodes'))).json.passcodes.length, 2, 'still two');
 });
 
 t.test('user names are normalised like logins; one log line per action, never a secret', async (t) => {

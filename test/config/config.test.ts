@@ -39,6 +39,21 @@ t.test('built-in defaults work on a fresh checkout', async (t) => {
     secureCookie: true,
     sessionIdleMs: 15 * 60_000,
   });
+  t.same(c.appPasscodes, { enabled: false, protocols: ['imap', 'pop3', 'smtp', 'sieve'], maxPerUser: 20, ttlMs: undefined });
+});
+
+t.test('[app_passcodes]', async (t) => {
+  const c = parseConfigText('[app_passcodes]\nenabled = true\nprotocols = ["imap", "smtp", "imap"]\nmax_per_user = 5\nttl = "365d"\n', '/etc/mfagate/mfagate.toml');
+  t.same(c.appPasscodes, { enabled: true, protocols: ['imap', 'smtp'], maxPerUser: 5, ttlMs: 365 * 86_400_000 });
+  for (const [text, error] of [
+    ['protocols = ["ftp"]', /app_passcodes\.protocols\.0: expected "imap", "pop3", "smtp" or "sieve"/],
+    ['protocols = []', /app_passcodes\.protocols: expected at least one protocol/],
+    ['max_per_user = 0', /app_passcodes\.max_per_user: expected 1\.\.100/],
+    ['ttl = "forever"', /app_passcodes\.ttl: expected a duration/],
+    ['enable = true', /app_passcodes\.enable: unknown key/],
+  ] as const) {
+    t.throws(() => parseConfigText(`[app_passcodes]\n${text}\n`, 'f.toml'), error, text);
+  }
 });
 
 t.test('a full file, relative paths against the file directory', async (t) => {

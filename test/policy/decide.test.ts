@@ -135,6 +135,19 @@ t.test('the store is not consulted when the network decides', async (t) => {
   t.equal(f.lookups, 0);
 });
 
+t.test('an app passcode allows from any address, needing no grant; the webmail rule still comes first', async (t) => {
+  const f = facts(USERS, GRANTS);
+  const outside = parseAddress('198.51.100.99');
+  const web = parseAddress('192.0.2.10');
+  if (!outside || !web) throw new Error('parse');
+  const d = decide(settings(), { user: 'alice', address: outside, protocol: 'imap', now: NOW, passcode: true }, f);
+  t.match(d, { allow: true, rule: 'app-passcode' });
+  t.equal(f.lookups, 0, 'no store lookup');
+  t.match(decide(settings(), { user: 'alice', address: outside, protocol: 'imap', now: NOW, passcode: false }, f), { allow: false, rule: 'no-grant' }, 'without it: refused');
+  t.match(decide(settings({ mode: 'off' }), { user: 'alice', address: outside, protocol: 'imap', now: NOW, passcode: true }, f), { rule: 'enforcement-off' });
+  t.match(decide(settings(), { user: 'alice', address: outside, realAddress: web, protocol: 'imap', now: NOW, passcode: true }, f), { rule: 'webmail-host' });
+});
+
 t.test('an untrusted-range refusal says so', async (t) => {
   const a = parseAddress('10.20.9.9');
   if (!a) throw new Error('parse');

@@ -1,6 +1,7 @@
-// Password failures at sign-in, limited like factor failures ([lockout]): per ID, max_failures in window
-// blocks that ID for duration; per client address block, ip_max_failures in window blocks the block. Held in
-// memory: Dovecot's own auth penalty still applies, and a restart only forgets recent failures.
+// Failures held in memory, limited like factor failures ([lockout]): per ID, max_failures in window blocks that
+// ID for duration; per client address block, ip_max_failures in window blocks the block. Used for passwords at
+// the MFA page's sign-in and for app passcodes (mfa/passcodes.ts), each with counters of its own: Dovecot's own
+// auth penalty still applies, and a restart only forgets recent failures.
 //
 // Who "the ID" is, is Dovecot's to say, not ours: with auth_username_format = %Ln, "alice", "ALICE@x.example"
 // and "alice@y.example" are one user. An attempt therefore counts under every name it may be: the name as
