@@ -1,6 +1,5 @@
 // `mfagate users`: the helpdesk's view of a user, and what it changes (reset, revoke-all, unlock, flags).
 import type { Command } from 'commander';
-import type { Config } from '../config/config.js';
 import { formatDuration } from '../config/duration.js';
 import { UsageError, actor, configOf, exemptLabel, knownUser, out, json, plural, requiredNow, userArg, withStore } from './common.js';
 import { formatTime, table } from './format.js';
