@@ -66,6 +66,16 @@ export function withStore<T>(config: Config, fn: (store: Store) => T): T {
   }
 }
 
+/** withStore for a command that awaits in between (a passcode's hash): the store closes when `fn` settles. */
+export async function withStoreAsync<T>(config: Config, fn: (store: Store) => Promise<T>): Promise<T> {
+  const store = Store.open(config.store.path, { create: false, migrate: true });
+  try {
+    return await fn(store);
+  } finally {
+    store.close();
+  }
+}
+
 export function userArg(config: Config, raw: string): string {
   const user = normaliseUser(raw, config.users);
   if (!isAcceptableUserName(user)) throw new UsageError(`not a user name: ${JSON.stringify(raw)}`);

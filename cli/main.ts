@@ -10,7 +10,9 @@ import { checkCommand } from './check.js';
 import { UsageError, running } from './common.js';
 import { grantsCommands } from './grants.js';
 import { serveCommand } from './serve.js';
+import { setupCommands } from './setup.js';
 import { totpCommands } from './totp.js';
+import { passcodesCommands } from './passcodes.js';
 import { usersCommands } from './users.js';
 
 // `mfagate ... | head` closes the pipe early: that is not an error worth a stack trace.
@@ -31,9 +33,11 @@ export function buildProgram(): Command {
   serveCommand(program);
   grantsCommands(program);
   usersCommands(program);
+  passcodesCommands(program);
   totpCommands(program);
   checkCommand(program);
   adminCommands(program);
+  setupCommands(program);
   return program;
 }
 

@@ -4,6 +4,7 @@ import { formatDuration } from '../config/duration.js';
 import { UsageError, actor, configOf, exemptLabel, knownUser, out, json, plural, requiredNow, userArg, withStore } from './common.js';
 import { formatTime, table } from './format.js';
 import { grantJson, grantsTable } from './grants.js';
+import { passcodesTable } from './passcodes.js';
 import { type FactorsView, factorsOf, hasFactor, lockOf, mfaService } from './mfa.js';
 
 /** "authenticator app (registered ...), external address a***@example.com, 7 backup codes", or undefined. */
@@ -60,6 +61,7 @@ export function usersCommands(program: Command): void {
           factors: factorsOf(s, name),
           lock: lockOf(s, config, name, now),
           grants: s.listGrants({ user: name, now }),
+          passcodes: mfaService(config, s).passcodes.list(name),
           logins: s.loginsOf(name),
           audit: s.auditOf(name, 10),
         };
@@ -78,6 +80,7 @@ export function usersCommands(program: Command): void {
           locked_until: lock.locked_until,
           recent_failures: lock.recent_failures,
           grants: data.grants.map((g) => grantJson(g, now)),
+          passcodes: data.passcodes,
           logins: data.logins.map((l) => ({
             ip: l.ip,
             protocol: l.protocol,
@@ -112,6 +115,7 @@ export function usersCommands(program: Command): void {
       }
       out('');
       out(data.grants.length ? 'active grants:\n' + grantsTable(data.grants, now) : 'active grants: none');
+      out(data.passcodes.length ? 'app passcodes:\n' + passcodesTable(data.passcodes) : 'app passcodes: none');
       out(
         data.logins.length
           ? 'last logins:\n' +
@@ -138,8 +142,8 @@ export function usersCommands(program: Command): void {
         const u = knownUser(s, name);
         const before = factorsOf(s, name);
         const lock = lockOf(s, config, name, now);
-        const { grantsRevoked } = mfaService(config, s).reset(name, actor(), reason);
-        return { u, before, lock, grantsRevoked };
+        const { grantsRevoked, passcodesRevoked } = mfaService(config, s).reset(name, actor(), reason);
+        return { u, before, lock, grantsRevoked, passcodesRevoked };
       });
       const required = requiredNow(config, r.u.name, r.u.mfaEnabled, r.u.exempt, now);
       if (o.json) {
@@ -154,6 +158,7 @@ export function usersCommands(program: Command): void {
             backup_codes: r.before.backup_codes_left,
           },
           grants_revoked: r.grantsRevoked,
+          passcodes_revoked: r.passcodesRevoked,
           was_locked_until: r.lock.locked_until,
           mfa_enabled: r.u.mfaEnabled,
           mfa_required: required,
@@ -161,7 +166,7 @@ export function usersCommands(program: Command): void {
       }
       out(`${name}: second factors reset (reason: ${reason})`);
       out(`removed:  ${describeFactors(r.before) ?? 'nothing (no factor or backup code was registered)'}`);
-      out(`revoked:  ${r.grantsRevoked ? plural(r.grantsRevoked, 'grant') : 'no active grant'}`);
+      out(`revoked:  ${r.grantsRevoked ? plural(r.grantsRevoked, 'grant') : 'no active grant'}; ${r.passcodesRevoked ? plural(r.passcodesRevoked, 'app passcode') : 'no app passcode'}`);
       if (r.lock.locked_until) out(`unlocked: was locked until ${formatTime(Date.parse(r.lock.locked_until))}`);
       if (required) {
         out(`MFA stays required: mail programs from outside are refused until ${name} has a new factor and passes MFA.`);
@@ -172,7 +177,7 @@ export function usersCommands(program: Command): void {
     });
   users
     .command('revoke-all')
-    .description("revoke every active grant of a user (after a password change): the next mail login from outside needs MFA")
+    .description("revoke every active grant and app passcode of a user (after a password change): the next mail login from outside needs MFA")
     .argument('<user>')
     .option('--reason <text>', 'why, for the audit log', '')
     .option('--json', 'machine-readable output')
@@ -180,14 +185,27 @@ export function usersCommands(program: Command): void {
       const config = configOf(cmd);
       const name = userArg(config, raw);
       const now = Date.now();
-      const revoked = withStore(config, (s) => {
+      // A changed password must end every device: the grants and the app passcodes go in one transaction.
+      const { grants: revoked, passcodes } = withStore(config, (s) => {
         knownUser(s, name);
-        return s.revokeGrants({ user: name }, actor(), o.reason, now);
+        const service = mfaService(config, s).passcodes;
+        return s.db
+          .transaction(() => ({
+            grants: s.revokeGrants({ user: name }, actor(), o.reason, now),
+            passcodes: service.revokeAll(name, actor(), o.reason || 'all grants revoked'),
+          }))
+          .immediate();
       });
-      if (o.json) return json(revoked.map((g) => grantJson(g, now)));
-      if (revoked.length === 0) return out(`${name}: no active grant: nothing revoked`);
-      out(`${name}: revoked ${plural(revoked.length, 'grant')}:`);
-      out(grantsTable(revoked, now));
+      if (o.json) return json({ user: name, grants: revoked.map((g) => grantJson(g, now)), passcodes });
+      if (revoked.length === 0 && passcodes.length === 0) return out(`${name}: no active grant or app passcode: nothing revoked`);
+      if (revoked.length > 0) {
+        out(`${name}: revoked ${plural(revoked.length, 'grant')}:`);
+        out(grantsTable(revoked, now));
+      }
+      if (passcodes.length > 0) {
+        out(`${name}: revoked ${plural(passcodes.length, 'app passcode')}:`);
+        out(passcodesTable(passcodes));
+      }
     });
   users
     .command('unlock')

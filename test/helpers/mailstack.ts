@@ -32,6 +32,12 @@ export interface MailStackOptions {
   users: Record<string, string>;
   /** Extra lines appended to dovecot.conf (later settings win). */
   dovecotExtra?: string;
+  /**
+   * Files for a conf.d/ directory, laid out as Debian's Dovecot does it: the site's passwd-file passdb moves to
+   * conf.d/10-auth.conf and `!include conf.d/*.conf` takes its place, so a file named 05-... comes before the
+   * site's passdb and 95-... after it (the names `mfagate setup dovecot` prints).
+   */
+  dovecotConfD?: Record<string, string>;
   /** Extra main.cf settings for Postfix ("name = value" lines; applied with postconf -e after the base config). */
   postfixExtra?: string;
   /** Milliseconds to wait for each server to come up. Default 20000. */
@@ -407,6 +413,22 @@ async function editDefaultMainCf(bin: Binaries, confDir: string, op: 'add' | 're
 // ---------------------------------------------------------------------------------------------------------------
 // Config files
 
+/** The site's own passdb (a passwd-file with the test users). */
+function sitePassdb(dir: string): string[] {
+  return [`passdb {`, `  driver = passwd-file`, `  args = ${dir}/passwd`, `}`];
+}
+
+/** conf.d/ for `dovecotConfD`: the given files and 10-auth.conf with the site's passdb. */
+function writeConfD(dir: string, files: Record<string, string>): void {
+  const confD = path.join(dir, 'conf.d');
+  fs.mkdirSync(confD, { mode: 0o755 });
+  fs.writeFileSync(path.join(confD, '10-auth.conf'), sitePassdb(dir).join('\n') + '\n');
+  for (const [name, text] of Object.entries(files)) {
+    if (!/^[\w.-]+\.conf$/.test(name) || name === '10-auth.conf') throw new Error(`mailstack: not a conf.d file name of a test: ${name}`);
+    fs.writeFileSync(path.join(confD, name), text, { mode: 0o640 });
+  }
+}
+
 function dovecotConf(dir: string, ports: { imap: number; pop3: number }, opts: MailStackOptions, uid: number, gid: number): string {
   const lines = [
     `# private test instance (mailstack)`,
@@ -426,10 +448,7 @@ function dovecotConf(dir: string, ports: { imap: number; pop3: number }, opts: M
     `default_internal_user = dovenull`,
     `default_login_user = dovenull`,
     `default_internal_group = dovenull`,
-    `passdb {`,
-    `  driver = passwd-file`,
-    `  args = ${dir}/passwd`,
-    `}`,
+    ...(opts.dovecotConfD ? [`!include conf.d/*.conf`] : sitePassdb(dir)),
     `userdb {`,
     `  driver = static`,
     `  args = uid=${uid} gid=${gid} home=${dir}/mail/%u`,
@@ -699,6 +718,7 @@ async function startOnce(bin: Binaries, opts: MailStackOptions): Promise<MailSta
   const dovecotLogFile = path.join(dir, 'dovecot.log');
   const maillog = path.join(dir, 'maillog');
   fs.writeFileSync(dovecotConfFile, dovecotConf(dir, { imap: imapPort, pop3: pop3Port }, opts, uid, gid));
+  if (opts.dovecotConfD) writeConfD(dir, opts.dovecotConfD);
   fs.writeFileSync(
     path.join(dir, 'passwd'),
     Object.entries(opts.users)
