@@ -2,6 +2,8 @@
 // (多要素認証, ワンタイムパスワード (OTP), OTPアプリ認証, 外部メール認証, 有効期限, 個人環境の設定).
 // `en` is typed as `typeof ja`, so a text missing in one language does not compile.
 
+import { passcodesEn, passcodesJa } from './i18n-passcodes.js';
+
 export type Lang = 'ja' | 'en';
 export const LANGS: readonly Lang[] = ['ja', 'en'];
 
@@ -162,6 +164,7 @@ const ja = {
   errBadForward: 'プロキシーから届いた要求を読み取れませんでした。',
   errGrantGone: 'その認証はすでに有効ではありません。',
   backToTop: 'トップへ戻る',
+  pc: passcodesJa,
 };
 
 const en: typeof ja = {
@@ -300,6 +303,7 @@ const en: typeof ja = {
   errBadForward: 'The request from the proxy could not be read.',
   errGrantGone: 'That MFA is no longer active.',
   backToTop: 'Back to the top',
+  pc: passcodesEn,
 };
 
 export type Text = typeof ja;

@@ -41,7 +41,7 @@ interface FieldOptions {
   value?: string;
 }
 
-function field(v: View, o: FieldOptions): Html {
+export function field(v: View, o: FieldOptions): Html {
   const id = `${o.form}-${o.name}`;
   const key = `${o.form}.${o.name}`;
   const error = v.errors[key];
@@ -51,11 +51,11 @@ function field(v: View, o: FieldOptions): Html {
   return html`<label for="${id}">${o.label}</label>${o.hint ? html`<p class="hint" id="${id}-hint">${o.hint}</p>` : null}<input id="${id}" name="${o.name}" type="${o.type ?? 'text'}"${o.code ? html` class="code" inputmode="${o.code}" maxlength="32" spellcheck="false" autocapitalize="off"` : null}${autocomplete ? html` autocomplete="${autocomplete}"` : null}${o.required === false ? null : html` required`}${value !== undefined ? html` value="${value}"` : null}${describedBy ? html` aria-describedby="${describedBy}"` : null}${error ? html` aria-invalid="true"` : null}>${error ? html`<p class="field-error" id="${id}-error" role="alert">${error}</p>` : null}`;
 }
 
-function form(v: View, id: string, action: string, body: Html | (Html | null)[], cls = ''): Html {
+export function form(v: View, id: string, action: string, body: Html | (Html | null)[], cls = ''): Html {
   return html`<form id="${id}" method="post" action="${v.base}${action}"${cls ? html` class="${cls}"` : null}>${csrfField(v)}${body}</form>`;
 }
 
-function button(label: string, cls = '', name?: string, value?: string): Html {
+export function button(label: string, cls = '', name?: string, value?: string): Html {
   return html`<button type="submit"${cls ? html` class="${cls}"` : null}${name ? html` name="${name}" value="${value ?? ''}"` : null}>${label}</button>`;
 }
 
@@ -177,7 +177,7 @@ export interface SettingsModel {
 }
 
 /** The proof a change needs once a factor is registered: which factor, and its code. */
-function proofFields(v: View, formId: string, m: SettingsModel): Html | null {
+export function proofFields(v: View, formId: string, m: SettingsModel): Html | null {
   if (!m.totp && !m.email) return null;
   const t = v.t;
   const methods: Method[] = [];
@@ -191,7 +191,7 @@ function proofFields(v: View, formId: string, m: SettingsModel): Html | null {
   )}</select>${field(v, { form: formId, name: 'code', label: t.proofCodeLabel, code: 'text' })}</fieldset>`;
 }
 
-export function settingsPage(v: View, m: SettingsModel): string {
+export function settingsPage(v: View, m: SettingsModel, more: Html[] = []): string {
   const t = v.t;
   const hasFactor = m.totp || m.email !== null;
   const sections: (Html | null)[] = [];
@@ -256,6 +256,9 @@ export function settingsPage(v: View, m: SettingsModel): string {
       m.backupLeft > 0 ? html`<details${v.errors['backup.code'] ? html` open` : null}><summary>${t.backupRegenerate}</summary>${backupForm}</details>` : backupForm
     }</section>`);
   }
+
+  // Parts of their own files (app passcodes).
+  sections.push(...more);
 
   return layout(v, t.settingsTitle, html`${sections}`);
 }

@@ -5,6 +5,7 @@ import { MfaError } from '../mfa/service.js';
 import { blockOf, parseAddress } from '../policy/address.js';
 import { isTrustedNetwork } from '../policy/decide.js';
 import type { Ctx, Handler, Kit, Routed } from './context.js';
+import { passcodeShownPage, passcodesSection } from './passcode-pages.js';
 import * as pages from './pages.js';
 
 /** An app enrolment shown longer than this is stale (MfaService keeps the pending secret 15 minutes). */
@@ -72,8 +73,13 @@ export function signedInRoutes(k: Kit): { get: Record<string, Handler>; post: Re
 
   const renderHome = (c: Routed, status = 200, errors: Record<string, string> = {}) =>
     send(c, status, pages.homePage(view(c, 'home', errors), homeModel(c)));
-  const renderSettings = (c: Routed, status = 200, errors: Record<string, string> = {}, values: Record<string, string> = {}) =>
-    send(c, status, pages.settingsPage(view(c, 'settings', errors, values), settingsModel(c)));
+  const renderSettings = (c: Routed, status = 200, errors: Record<string, string> = {}, values: Record<string, string> = {}) => {
+    const v = view(c, 'settings', errors, values);
+    const m = settingsModel(c);
+    const config = d.config().appPasscodes;
+    const passcodes = config.enabled ? [passcodesSection(v, m, { list: d.mfa.passcodeList(c.user), max: config.maxPerUser, defaults: config.protocols })] : [];
+    send(c, status, pages.settingsPage(v, m, passcodes));
+  };
 
   // ---- form helpers ----------------------------------------------------------------------------------------
 
@@ -87,7 +93,8 @@ export function signedInRoutes(k: Kit): { get: Record<string, Handler>; post: Re
   /** Runs a settings change; an MfaError is shown next to the field it concerns (or at the top). */
   async function settingsAction(c: Routed, formId: string, action: () => Promise<void> | void, fieldFor: (e: MfaError) => string | undefined = () => undefined): Promise<void> {
     const values: Record<string, string> = {};
-    for (const k of ['method', 'address']) if (c.form.has(k)) values[`${formId}.${k}`] = value(c, k);
+    for (const k of ['method', 'address', 'name']) if (c.form.has(k)) values[`${formId}.${k}`] = value(c, k);
+    if (c.form.has('protocol')) values[`${formId}.protocols`] = c.form.getAll('protocol').join(',');
     try {
       await action();
     } catch (e) {
@@ -148,6 +155,13 @@ export function signedInRoutes(k: Kit): { get: Record<string, Handler>; post: Re
       const pending = d.mfa.status(c.user).factors.email_pending;
       if (pending === null) return redirect(c, '/settings');
       send(c, 200, pages.emailConfirmPage(view(c, 'other'), pending));
+    },
+    '/settings/passcode': (c) => {
+      const shown = c.session.passcodeShown;
+      if (!shown) return redirect(c, '/settings');
+      // Shown once: gone from the session as soon as the page is rendered.
+      delete c.session.passcodeShown;
+      send(c, 200, passcodeShownPage(view(c, 'other'), shown));
     },
     '/settings/backup': (c) => {
       const codes = c.session.backupCodes;
@@ -285,6 +299,41 @@ export function signedInRoutes(k: Kit): { get: Record<string, Handler>; post: Re
       c.session.backupCodes = d.mfa.backupGenerate(c.user, c.ip, p).codes;
       redirect(c, '/settings/backup');
     }),
+    '/passcodes/add': (c) => {
+      if (!d.config().appPasscodes.enabled) return redirect(c, '/settings');
+      const formId = 'passcode-add';
+      const name = value(c, 'name');
+      const protocols = c.form.getAll('protocol');
+      const values = { [`${formId}.name`]: name, [`${formId}.protocols`]: protocols.join(','), [`${formId}.method`]: value(c, 'method') };
+      if (name === '') return renderSettings(c, 400, { [`${formId}.name`]: c.t.pc.errName }, values);
+      if (protocols.length === 0) return renderSettings(c, 400, { [`${formId}.protocols`]: c.t.pc.errProtocols }, values);
+      const p = proofOrAsk(c, formId, values);
+      if (p === null) return;
+      return settingsAction(
+        c,
+        formId,
+        async () => {
+          const r = await d.mfa.passcodeCreate(c.user, c.ip, p, name, protocols);
+          c.session.passcodeShown = { name: r.passcode.name, code: r.code, protocols: r.passcode.protocols };
+          d.logger.log('info', 'web-passcode-add', { user: c.user, ip: c.ip, passcode: r.passcode.id });
+          redirect(c, '/settings/passcode');
+        },
+        (e) => (e.code === 'bad-request' ? (e.message.startsWith('protocols') ? 'protocols' : 'name') : undefined),
+      );
+    },
+    '/passcodes/revoke': (c) => {
+      const raw = value(c, 'id');
+      try {
+        if (!/^[1-9]\d{0,15}$/.test(raw)) throw new MfaError('not-registered', 'no such passcode');
+        const p = d.mfa.passcodeRevoke(c.user, c.ip, Number(raw));
+        notify(c, 'ok', c.t.pc.revoked(p.name));
+        d.logger.log('info', 'web-passcode-revoke', { user: c.user, ip: c.ip, passcode: p.id });
+      } catch (e) {
+        if (!(e instanceof MfaError)) throw e;
+        notify(c, 'error', c.t.pc.gone);
+      }
+      redirect(c, '/settings');
+    },
     '/grants/revoke': (c) => {
       const raw = value(c, 'id');
       if (!/^[1-9]\d{0,15}$/.test(raw)) {

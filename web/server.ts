@@ -130,6 +130,10 @@ export function createWebServer(d: WebDeps): WebServer {
       else if (detail.includes('enrolment')) text = t.enrolExpired;
     }
     if (e.code === 'bad-request' && detail.startsWith('address')) text = t.errAddress;
+    if (e.code === 'bad-request' && detail.startsWith('name')) text = t.pc.errName;
+    if (e.code === 'bad-request' && detail.startsWith('protocols')) text = t.pc.errProtocols;
+    const max = /at most (\d+) app passcodes/.exec(detail)?.[1];
+    if (e.code === 'conflict' && max !== undefined) text = t.pc.errMax(Number(max));
     if (e.code === 'not-registered' && detail.includes('grant')) text = t.errGrantGone;
     if (e.code === 'rate-limited' && detail.includes('less than a minute ago')) return t.errCodeTooSoon;
     if (e.code === 'locked' || e.code === 'rate-limited') {

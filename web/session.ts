@@ -20,6 +20,8 @@ export interface Session {
   enrolment?: { secret: string; qrSvg: string; startedAt: number };
   /** Backup codes just issued: shown once, then dropped. */
   backupCodes?: string[];
+  /** An app passcode just made: shown once, then dropped. */
+  passcodeShown?: { name: string; code: string; protocols: string[] };
   /** The masked address and expiry of the last login code sent, so the page asks for it. */
   emailSent?: { to: string; expiresAt: number };
 }

@@ -46,6 +46,11 @@ summary { cursor: pointer; color: var(--accent); }
 .qr svg { width: 14rem; height: 14rem; max-width: 100%; background: #fff; }
 .key { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 1.1rem; letter-spacing: .08em; overflow-wrap: anywhere; background: var(--bg); padding: .3rem .5rem; border-radius: 4px; }
 ol.steps { padding-left: 1.3rem; }
+label.check { display: flex; gap: .5rem; align-items: center; font-weight: 400; margin: .3rem 0; min-height: 2.75rem; }
+label.check input { width: 1.3rem; height: 1.3rem; margin: 0; }
+p.passcode .key { display: inline-block; font-size: 1.6rem; letter-spacing: .12em; padding: .5rem .8rem; }
+dl.howto dt { font-weight: 600; margin-top: .6rem; }
+dl.howto dd { margin: .2rem 0 0 0; }
 ul.codes { list-style: none; padding: 0; columns: 2; font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 1.15rem; }
 table { border-collapse: collapse; width: 100%; font-size: .95rem; }
 th, td { text-align: left; padding: .45rem .4rem; border-bottom: 1px solid var(--line); vertical-align: top; }
@@ -55,6 +60,7 @@ th { font-weight: 600; }
   table.grants tr { display: block; border-bottom: 1px solid var(--line); padding: .4rem 0; }
   table.grants td { display: block; border: none; padding: .1rem 0; }
   table.grants td::before { content: attr(data-label) ": "; font-weight: 600; }
+  p.passcode .key { font-size: 1.3rem; }
   ul.codes { columns: 1; }
 }
 @media print {
