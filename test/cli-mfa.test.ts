@@ -169,7 +169,7 @@ t.test('users reset: factors, backup codes and grants go, MFA stays required, th
   t.equal(r.code, 0, r.stderr);
   t.match(r.stdout, /^alice: second factors reset \(reason: ticket 4711: lost phone\)\n/);
   t.match(r.stdout, /removed:  authenticator app \(registered .*\), 10 backup codes\n/);
-  t.match(r.stdout, /revoked:  2 grants\n/);
+  t.match(r.stdout, /revoked:  2 grants; no app passcode\n/);
   t.match(r.stdout, /MFA stays required/);
 
   const after = j<Record<string, unknown>>(run('users', 'show', 'alice', '--json'));
@@ -191,11 +191,12 @@ t.test('users reset: factors, backup codes and grants go, MFA stays required, th
     reason: 'again',
     removed: { totp: false, totp_pending: false, email: null, email_pending: null, backup_codes: 0 },
     grants_revoked: 0,
+    passcodes_revoked: 0,
     was_locked_until: null,
     mfa_enabled: true,
     mfa_required: true,
   });
-  t.match(run('users', 'reset', 'alice', '--reason', 'x').stdout, /removed:  nothing \(no factor or backup code was registered\)\nrevoked:  no active grant\n/);
+  t.match(run('users', 'reset', 'alice', '--reason', 'x').stdout, /removed:  nothing \(no factor or backup code was registered\)\nrevoked:  no active grant; no app passcode\n/);
 });
 
 t.test('users revoke-all: every active grant, for a password change', async (t) => {
@@ -209,10 +210,10 @@ t.test('users revoke-all: every active grant, for a password change', async (t) 
   const all = j<{ revoke_reason: string }[]>(run('grants', 'list', '--user', 'carol', '--all', '--json'));
   t.ok(all.length === 2 && all.every((g) => g.revoke_reason === 'password changed'), 'the reason is kept');
   t.equal(j<unknown[]>(run('grants', 'list', '--user', 'dave', '--json')).length, 1, "another user's grant stays");
-  t.equal(run('users', 'revoke-all', 'carol').stdout, 'carol: no active grant: nothing revoked\n');
-  t.same(j(run('users', 'revoke-all', 'carol', '--json')), []);
-  const dave = j<{ user: string; state: string }[]>(run('users', 'revoke-all', 'dave', '--json'));
-  t.match(dave, [{ user: 'dave', state: 'revoked' }]);
+  t.equal(run('users', 'revoke-all', 'carol').stdout, 'carol: no active grant or app passcode: nothing revoked\n');
+  t.same(j(run('users', 'revoke-all', 'carol', '--json')), { user: 'carol', grants: [], passcodes: [] });
+  const dave = j<{ grants: { user: string; state: string }[] }>(run('users', 'revoke-all', 'dave', '--json'));
+  t.match(dave.grants, [{ user: 'dave', state: 'revoked' }]);
 });
 
 t.test('the key file: only loaded when needed, never replaced behind the store', async (t) => {
