@@ -6,11 +6,20 @@
 // four groups of four; spaces, hyphens and case are ignored when it is typed. Its first five letters are a
 // public selector that finds its row (so a check costs one hash, not one per passcode of the user); the whole
 // passcode, bound to the user, is stored only as a scrypt hash with a salt of its own. scrypt is Node's own
-// (no native dependency to keep building), memory-hard, and runs in libuv's thread pool, so a check never
-// blocks a decision; N = 2^14, r = 8 (16 MiB, about 30 ms here: see BENCHMARKS.md). A passcode that passed is
-// remembered for a while as an HMAC under a key that lives only in this process, so a phone's repeated logins
-// do not pay scrypt each time; whether it is revoked, expired or allowed for the protocol is looked up at
-// every check.
+// (no native dependency to keep building, unlike an argon2 binding), memory-hard, and runs in libuv's thread
+// pool, so a check never blocks a decision.
+//
+// The cost: N = 2^12, r = 8 (4 MiB, about 11 ms of one core). Password hashing guidance asks for more (scrypt
+// N = 2^17) because people choose guessable passwords; a passcode is drawn at random, and its 11 letters
+// after the public selector hold 23^11, about 2^50, possibilities, so even this cost puts a search of a
+// stolen store at some 300,000 core-years to try them all, and online guessing is stopped by the limits long before. A
+// higher cost would buy nothing against that and would cost every phone's first login after a restart
+// (BENCHMARKS.md: 16,384 took four times as long). Each row says how its hash was made (`kdf`), so a later
+// cost can be introduced without invalidating the passcodes already handed out.
+//
+// A passcode that passed is remembered for a while as an HMAC under a key that lives only in this process, so
+// a phone's repeated logins do not pay scrypt each time; whether it is revoked, expired or allowed for the
+// protocol is looked up at every check.
 import crypto from 'node:crypto';
 import { promisify } from 'node:util';
 import { type Config, PASSCODE_PROTOCOLS, type PasscodeProtocol, blockPrefixes } from '../config/config.js';
@@ -25,7 +34,10 @@ export const PASSCODE_LENGTH = 16;
 const SELECTOR_LENGTH = 5;
 /** What a typed passcode must look like, once spaces and hyphens are gone and it is lower case. */
 export const PASSCODE_SHAPE = /^[a-hjkmnp-z]{16}$/;
-const SCRYPT = { N: 1 << 14, r: 8, p: 1, maxmem: 64 * 1024 * 1024 };
+/** The cost of new hashes, and its name in the `kdf` column. */
+export const SCRYPT = { N: 1 << 12, r: 8, p: 1 };
+const KDF = `scrypt:n=${SCRYPT.N},r=${SCRYPT.r},p=${SCRYPT.p}`;
+const MAXMEM = 64 * 1024 * 1024;
 const KEY_LENGTH = 32;
 /** How long a passed passcode skips scrypt on its next checks. */
 const REMEMBER_MS = 15 * 60_000;
@@ -172,7 +184,8 @@ export class PasscodeService {
       if (tries > 50) throw new Error('no free passcode selector after 50 tries');
     }
     const salt = crypto.randomBytes(16);
-    const hash = await this.hash(user, passcode, salt);
+    const hash = await this.hash(user, passcode, salt, KDF);
+    if (!hash) throw new Error(`unusable kdf ${KDF}`);
     const ttl = ttlMs ?? config.appPasscodes.ttlMs;
     return {
       passcode,
@@ -184,7 +197,7 @@ export class PasscodeService {
         }
         // A selector taken while the hash was computed: the insert fails on the unique index, and the
         // caller's transaction with it (nothing is half made).
-        const id = store.insert({ user, name, selector: passcode.slice(0, SELECTOR_LENGTH), salt, hash, protocols, createdBy, expiresAt: ttl === undefined ? null : now + ttl, now });
+        const id = store.insert({ user, name, selector: passcode.slice(0, SELECTOR_LENGTH), salt, hash, kdf: KDF, protocols, createdBy, expiresAt: ttl === undefined ? null : now + ttl, now });
         this.d.store.audit(now, createdBy, 'passcode-add', user, null, null, { id, name, protocols: protocols.join(','), ...(ttl === undefined ? {} : { expires_at: new Date(now + ttl).toISOString() }) });
         const row = store.byId(id);
         if (!row) throw new Error(`passcode ${id} vanished inside its own transaction`);
@@ -221,8 +234,13 @@ export class PasscodeService {
 
   // ---- checking (Dovecot's Lua passdb asks) ----------------------------------------------------------------
 
-  private hash(user: string, passcode: string, salt: Buffer): Promise<Buffer> {
-    return scrypt(`${user}\0${passcode}`, salt, KEY_LENGTH, SCRYPT);
+  /** The hash `kdf` names ("scrypt:n=4096,r=8,p=1"); a row naming anything else cannot match. */
+  private async hash(user: string, passcode: string, salt: Buffer, kdf: string): Promise<Buffer | undefined> {
+    const m = /^scrypt:n=(\d+),r=(\d+),p=(\d+)$/.exec(kdf);
+    if (!m) return undefined;
+    const [N, r, p] = [Number(m[1]), Number(m[2]), Number(m[3])];
+    if (N > 1 << 20 || r > 32 || p > 4) return undefined;
+    return scrypt(`${user}\0${passcode}`, salt, KEY_LENGTH, { N, r, p, maxmem: MAXMEM });
   }
 
   private memo(user: string, passcode: string): Buffer {
@@ -249,7 +267,7 @@ export class PasscodeService {
     if (!passcode) return { ok: false, reason: 'not the shape of a passcode' };
     const block = this.block(r.ip);
     const limit = this.limiter.check([r.user], block);
-    if (!limit.ok) return { ok: false, reason: `too many wrong passcodes (${limit.scope})`, limited: true };
+    if (!limit.ok) return { ok: false, reason: `too many wrong passcodes (${limit.scope === 'ip' ? 'from this address' : 'for this user'})`, limited: true };
 
     const attempt = this.limiter.begin([r.user], block);
     const now = this.clock();
@@ -263,8 +281,8 @@ export class PasscodeService {
     const mac = this.memo(r.user, passcode);
     let right = remembered !== undefined && remembered.until > now && crypto.timingSafeEqual(remembered.mac, mac);
     if (!right) {
-      const hash = await this.hash(r.user, passcode, row.salt);
-      right = hash.length === row.hash.length && crypto.timingSafeEqual(hash, row.hash);
+      const hash = await this.hash(r.user, passcode, row.salt, row.kdf);
+      right = hash !== undefined && hash.length === row.hash.length && crypto.timingSafeEqual(hash, row.hash);
       if (right) this.passed.set(row.id, { mac, until: now + REMEMBER_MS });
     }
     if (!right) return fail('wrong passcode');

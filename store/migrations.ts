@@ -141,6 +141,7 @@ export const MIGRATIONS: readonly { version: number; name: string; sql: string }
         selector           TEXT NOT NULL UNIQUE,  -- the passcode's first letters: finds the row, proves nothing
         salt               BLOB NOT NULL,
         hash               BLOB NOT NULL,         -- scrypt of the whole passcode, bound to the user
+        kdf                TEXT NOT NULL,         -- how hash was made, e.g. scrypt:n=4096,r=8,p=1 (a later cost can differ)
         protocols          TEXT NOT NULL,         -- comma-separated: imap,pop3,smtp,sieve
         created_at         INTEGER NOT NULL,
         created_by         TEXT NOT NULL,

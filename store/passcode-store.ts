@@ -11,6 +11,8 @@ export interface PasscodeRow {
   selector: string;
   salt: Buffer;
   hash: Buffer;
+  /** How `hash` was made ("scrypt:n=4096,r=8,p=1"). */
+  kdf: string;
   protocols: string[];
   createdAt: number;
   createdBy: string;
@@ -28,6 +30,7 @@ export interface NewPasscode {
   selector: string;
   salt: Buffer;
   hash: Buffer;
+  kdf: string;
   protocols: readonly string[];
   createdBy: string;
   expiresAt: number | null;
@@ -48,6 +51,7 @@ const fromRow = (r: Row): PasscodeRow => ({
   selector: r['selector'] as string,
   salt: r['salt'] as Buffer,
   hash: r['hash'] as Buffer,
+  kdf: r['kdf'] as string,
   protocols: (r['protocols'] as string).split(',').filter((p) => p !== ''),
   createdAt: r['created_at'] as number,
   createdBy: r['created_by'] as string,
@@ -65,8 +69,8 @@ export class PasscodeStore {
   constructor(readonly db: Database.Database) {
     this.st = {
       insert: db.prepare(
-        `INSERT INTO passcodes (user, name, selector, salt, hash, protocols, created_at, created_by, expires_at)
-         VALUES (@user, @name, @selector, @salt, @hash, @protocols, @created_at, @created_by, @expires_at)`,
+        `INSERT INTO passcodes (user, name, selector, salt, hash, kdf, protocols, created_at, created_by, expires_at)
+         VALUES (@user, @name, @selector, @salt, @hash, @kdf, @protocols, @created_at, @created_by, @expires_at)`,
       ),
       bySelector: db.prepare('SELECT * FROM passcodes WHERE selector = ?'),
       byId: db.prepare('SELECT * FROM passcodes WHERE id = ?'),
@@ -88,6 +92,7 @@ export class PasscodeStore {
       selector: p.selector,
       salt: p.salt,
       hash: p.hash,
+      kdf: p.kdf,
       protocols: p.protocols.join(','),
       created_at: p.now,
       created_by: p.createdBy,

@@ -121,7 +121,7 @@ export interface PolicyAnswer {
 }
 
 /** One Dovecot auth-policy request (POST /?command=...) on a fresh connection, as Dovecot 2.3 sends it. */
-export function askPolicy(port: number, body: string | Record<string, unknown>, o: { command?: 'allow' | 'report'; key?: string } = {}): Promise<PolicyAnswer> {
+export function askPolicy(port: number, body: string | Record<string, unknown>, o: { command?: 'allow' | 'report' | 'passcode'; key?: string } = {}): Promise<PolicyAnswer> {
   const payload = typeof body === 'string' ? body : JSON.stringify(body);
   return new Promise((resolve, reject) => {
     const req = http.request(
