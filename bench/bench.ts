@@ -287,7 +287,7 @@ const INTRO = `# Benchmarks
 a Node server on the same transport that answers a constant and looks at nothing but where a request ends
 (the most Node can do on this machine). It is a benchmark, not a test: nothing fails when an aim is missed;
 the figures say so. Aims: at least half the floor's throughput, and p99 under 2 ms.
-Then it measures the MFA web page (bench/web.ts; its own section at the end of this file).
+Then it measures the MFA web page (bench/web.ts) and app passcode checks (bench/passcodes.ts), each in a section of its own at the end of this file.
 
 What it does:
 
