@@ -12,6 +12,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { policyAttributes } from '../../cli/setup.js';
 
 export interface MailStackOptions {
   /** Dovecot auth_policy_server_url, e.g. "http://127.0.0.1:8470/". Omitted: no auth policy at all. */
@@ -20,7 +21,7 @@ export interface MailStackOptions {
   policyApiHeader?: string;
   /**
    * 'default' (the default): Dovecot's own attribute set and phase defaults.
-   * 'recommended': the attribute line from the docs, with check_before_auth=no, check_after_auth=yes,
+   * 'recommended': the attribute line `mfagate setup dovecot` prints, with check_before_auth=no, check_after_auth=yes,
    * report_after_auth=yes, reject_on_fail=yes.
    */
   policyAttributes?: 'default' | 'recommended';
@@ -68,8 +69,8 @@ export interface MailStack {
 export const MAIL_DOMAIN = 'mail.test';
 const HOST = '127.0.0.1';
 const DIR_PREFIX = 'mfagate-mailstack-';
-const RECOMMENDED_ATTRIBUTES =
-  'login=%{requested_username} remote=%{rip} real_remote=%{real_rip} local=%{lip} protocol=%s session_id=%{session} secured=%{secured} mech=%{mech}';
+/** The attribute line `mfagate setup dovecot` prints (without app passcodes). */
+const RECOMMENDED_ATTRIBUTES = policyAttributes(false);
 const KEEP = process.env.MAILSTACK_KEEP === '1';
 
 // ---------------------------------------------------------------------------------------------------------------
