@@ -82,6 +82,19 @@ t.test('what passcodes add refuses', async (t) => {
   t.match(fourth.stderr, /at most 3 app passcodes per user/);
 });
 
+t.test('check --passcode: the app-passcode rule, and why a passcode would not work', async (t) => {
+  t.equal(run('users', 'enable', 'alice').code, 0);
+  const [iphone, printer] = j<{ id: number; name: string }[]>(run('passcodes', 'list', '--user', 'alice', '--json'));
+  const allowed = run('check', '--user', 'alice', '--ip', '203.0.113.9', '--passcode', String(iphone?.id));
+  t.equal(allowed.code, 0, allowed.stderr);
+  t.match(allowed.stdout, /^ALLOW {2}alice from 203\.0\.113\.9 \(imap\) with app passcode \d+\nrule: app-passcode: /);
+  t.equal(run('check', '--user', 'alice', '--ip', '203.0.113.9').code, 1, 'the password alone: refused');
+  const notFor = j<{ rule: string; passcode_problem: string }>(run('check', '--user', 'alice', '--ip', '203.0.113.9', '--passcode', String(printer?.id), '--json'));
+  t.match(notFor, { rule: 'no-grant', passcode_problem: /is not for imap \(it is for smtp\)/ }, 'a passcode not for the protocol');
+  t.match(j(run('check', '--user', 'bob', '--ip', '203.0.113.9', '--passcode', String(iphone?.id), '--json')), { passcode_problem: /bob has no app passcode/ }, "another user's");
+  t.equal(run('check', '--user', 'alice', '--ip', '203.0.113.9', '--passcode', 'x').code, 2);
+});
+
 t.test('list, revoke, users show', async (t) => {
   const all = j<{ user: string; name: string }[]>(run('passcodes', 'list', '--json'));
   t.ok(all.some((p) => p.user === 'alice' && p.name === 'iPhone') && all.some((p) => p.user === 'carol'), 'everybody\'s');
