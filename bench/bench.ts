@@ -16,6 +16,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { runBench, writeSection } from './report.js';
 import { type Child, cpuSeconds, envNumber, machine, scratchDir, start, statusKb } from './proc.js';
 import { type LoadResult, type ReplyReader, type Target, httpReader, percentileMs, postfixReader, runLoad } from './load.js';
 import { GRANTS_PER_USER, dovecotRequest, fillStore, postfixRequest, requestMix } from './workload.js';
@@ -365,23 +366,7 @@ function markdown(a: {
 }
 
 function writeReport(section: string): void {
-  let text = fs.existsSync(REPORT) ? fs.readFileSync(REPORT, 'utf8') : INTRO;
-  const i = text.indexOf(START);
-  const j = text.indexOf(END);
-  if (i >= 0 && j > i) text = text.slice(0, i) + section + text.slice(j + END.length);
-  else text = text.replace(/\n*$/, '\n\n') + section + '\n';
-  if (!text.endsWith('\n')) text += '\n';
-  fs.writeFileSync(REPORT, text);
+  writeSection(REPORT, START, END, section, INTRO);
 }
 
-main().then(
-  () => {
-    cleanup();
-    process.exit(0);
-  },
-  (e: unknown) => {
-    process.stderr.write(`bench failed: ${e instanceof Error ? e.stack ?? e.message : String(e)}\n`);
-    cleanup();
-    process.exit(1);
-  },
-);
+runBench(main, cleanup);

@@ -19,6 +19,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { type LoadResult, type Verdict, httpReader, percentileMs, runLoad } from './load.js';
+import { runBench, writeSection } from './report.js';
 import { type Child, cpuSeconds, envNumber, machine, scratchDir, start, statusKb } from './proc.js';
 import { fillStore, userName } from './workload.js';
 
@@ -226,24 +227,9 @@ async function main(): Promise<void> {
   out('');
   out(section);
   if (WRITE) {
-    let text = fs.readFileSync(REPORT, 'utf8');
-    const i = text.indexOf(START);
-    const j = text.indexOf(END);
-    if (i >= 0 && j > i) text = text.slice(0, i) + section + text.slice(j + END.length);
-    else text = text.replace(/\n*$/, '\n\n') + section + '\n';
-    fs.writeFileSync(REPORT, text);
+    writeSection(REPORT, START, END, section);
     out('figures written to BENCHMARKS.md');
   }
 }
 
-main().then(
-  () => {
-    cleanup();
-    process.exit(0);
-  },
-  (e: unknown) => {
-    process.stderr.write(`bench: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`);
-    cleanup();
-    process.exit(1);
-  },
-);
+runBench(main, cleanup);
