@@ -170,7 +170,7 @@ export const API_ROUTES: readonly ApiRoute[] = [
     operationId: 'listPasscodes',
     body: null,
     query: [],
-    handler: (mfa, r) => ({ passcodes: mfa.passcodeList(r.user) }),
+    handler: (mfa, r) => ({ passcodes: mfa.passcodeList(r.user), app_passcodes: mfa.passcodeSettings() }),
   },
   {
     method: 'POST',

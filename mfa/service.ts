@@ -610,6 +610,8 @@ export class MfaService {
    * The passcode is in this answer only, grouped for reading ("abcd efgh jkmn pqrs").
    */
   async passcodeCreate(user: string, ip: string, rawProof: unknown, rawName: unknown, rawProtocols: unknown): Promise<{ passcode: PasscodeView; code: string }> {
+    // Said before anything else, so that a webmail can tell without spending a code.
+    if (!this.config.appPasscodes.enabled) throw new MfaError('conflict', 'app passcodes are not enabled ([app_passcodes] enabled)');
     const { name, protocols } = this.passcodeCall(() => this.passcodes.parseRequest(rawName, rawProtocols));
     if (!this.hasFactor(user)) throw new MfaError('no-factor', 'register the app or an external address (and pass MFA) before making app passcodes');
     const proof = this.parseProof(rawProof);
@@ -626,6 +628,12 @@ export class MfaService {
 
   passcodeList(user: string): PasscodeView[] {
     return this.passcodes.list(user);
+  }
+
+  /** What a webmail needs to offer passcodes: whether they can be made, how many, for what by default. */
+  passcodeSettings(): { enabled: boolean; max_per_user: number; protocols: string[] } {
+    const c = this.config.appPasscodes;
+    return { enabled: c.enabled, max_per_user: c.maxPerUser, protocols: [...c.protocols] };
   }
 
   passcodeRevoke(user: string, ip: string, id: number): PasscodeView {

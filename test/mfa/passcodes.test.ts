@@ -157,6 +157,8 @@ t.test('a row whose hash was made some other way never matches', async (t) => {
 
 t.test('off: nothing is made, every check fails', async (t) => {
   const h = rig(t, '');
+  t.same(h.svc.passcodeSettings(), { enabled: false, max_per_user: 20, protocols: ['imap', 'pop3', 'smtp', 'sieve'] }, 'what a webmail is told');
+  await t.rejects(h.svc.passcodeCreate('alice', IP, undefined, 'Phone', undefined), { code: 'conflict', message: /not enabled/ }, 'said before a factor or a proof is looked at');
   await t.rejects(h.svc.passcodes.prepare('alice', 'Phone', ['imap'], undefined, 'test'), { code: 'disabled' });
   t.match(await check(h, 'abcdefghjkmnpqrs'), { ok: false, reason: /not enabled/ });
 });
