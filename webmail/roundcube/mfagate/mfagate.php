@@ -13,7 +13,8 @@
  * login and opens the mailbox, naming the address and until when mail programs work there.
  *
  * Settings get a "多要素認証 / Multi-factor authentication" section: MFA on and off, the authenticator app,
- * the external address, backup codes and the status table with a revoke button per row.
+ * the external address, backup codes, the status table with a revoke button per row, and (with
+ * mfagate_passcodes) the app passcodes: per-device passwords for mail programs, shown once when made.
  *
  * mfagate holds every secret and decides; the plugin talks to it only through its webmail API (a UNIX socket,
  * or loopback TCP with a bearer token), and never logs or stores a code or a secret.
@@ -29,6 +30,14 @@ class mfagate extends rcube_plugin
     const PENDING = 'mfagate_pending';
     /** The session key of the notice the mailbox shows once after MFA passed. */
     const NOTICE = 'mfagate_notice';
+    /**
+     * The session key of an app passcode just made, between the POST that made it and the one page that shows
+     * it (encrypted with Roundcube's des_key, removed by that page, and never shown after SHOWN_TTL seconds).
+     */
+    const SHOWN = 'mfagate_passcode_shown';
+    const SHOWN_TTL = 120;
+    /** What an app passcode may be used for, as mfagate names it. */
+    const PROTOCOLS = ['imap', 'pop3', 'smtp', 'sieve'];
 
     /** @var rcmail */
     private $rc;
@@ -428,14 +437,21 @@ class mfagate extends rcube_plugin
         case 'factor-failed':  return 'err_wrong_code';
         case 'proof-required': return 'err_proof_required';
         case 'no-factor':      return 'err_no_factor';
-        case 'not-registered': return strpos($detail, 'grant') !== false ? 'err_grant_gone' : 'err_not_registered';
+        case 'not-registered':
+            if (strpos($detail, 'passcode') !== false) return 'err_passcode_gone';
+            return strpos($detail, 'grant') !== false ? 'err_grant_gone' : 'err_not_registered';
         case 'refused-domain': return 'err_refused_domain';
         case 'locked':         return 'err_locked';
         case 'mail-failed':    return 'err_mail_failed';
         case 'unavailable':    return 'err_unavailable';
         case 'rate-limited':   return strpos($detail, 'less than a minute ago') !== false ? 'err_code_too_soon' : 'err_rate_limited';
-        case 'bad-request':    return strpos($detail, 'address') === 0 ? 'err_address' : 'err_bad_request';
+        case 'bad-request':
+            if (strpos($detail, 'name:') === 0) return 'err_passcode_name';
+            if (strpos($detail, 'protocols:') === 0) return 'err_passcode_protocols';
+            return strpos($detail, 'address') === 0 ? 'err_address' : 'err_bad_request';
         case 'conflict':
+            if (strpos($detail, 'app passcodes are not enabled') !== false) return 'err_passcodes_off';
+            if (strpos($detail, 'app passcodes per user') !== false) return 'err_passcode_max';
             if (strpos($detail, 'last registered factor') !== false) return 'err_last_factor';
             if (strpos($detail, 'already registered') !== false) return 'err_same_address';
             if (strpos($detail, 'enrolment') !== false) return 'err_enrol_expired';
@@ -445,12 +461,13 @@ class mfagate extends rcube_plugin
         return $r['status'] >= 500 || $r['status'] == 0 ? 'err_unavailable' : 'err_server';
     }
 
-    /** Vars for an error message: how many minutes to wait. */
+    /** Vars for an error message: how many minutes to wait; how many app passcodes a user may have. */
     private function error_vars(array $r)
     {
         $seconds = (int) ($r['body']['retry_after'] ?? 60);
+        $max     = preg_match('/at most (\d+)/', (string) ($r['body']['message'] ?? ''), $m) ? (int) $m[1] : 20;
 
-        return ['minutes' => max(1, (int) ceil($seconds / 60))];
+        return ['minutes' => max(1, (int) ceil($seconds / 60)), 'n' => $max];
     }
 
     // ---- settings -----------------------------------------------------------------------------------------
@@ -476,6 +493,12 @@ class mfagate extends rcube_plugin
         $view = ['ip' => $ip];
         $ui   = new mfagate_ui($this, './?_task=settings&_action=plugin.mfagate');
 
+        // An app passcode just made is shown on this one page load, then it is gone from the session.
+        $shown = $this->take_shown();
+        if ($shown && $_SERVER['REQUEST_METHOD'] == 'GET') {
+            $view['passcode_shown'] = $shown;
+        }
+
         if ($ip === null) {
             $this->log('settings-refused', ['user' => $user, 'reason' => 'the browser\'s address is not an IP address']);
             $this->rc->output->show_message('mfagate.err_unavailable', 'error');
@@ -500,7 +523,24 @@ class mfagate extends rcube_plugin
             }
         }
 
-        $body = $st === null ? '' : $ui->settings($st, $view + ['block' => $this->block_of($st, $ip)]);
+        if ($st !== null && $this->passcodes_on()) {
+            $r    = $this->call('GET', '/passcodes', $user);
+            $site = $r['status'] == 200 && is_array($r['body']['app_passcodes'] ?? null) ? $r['body']['app_passcodes'] : null;
+            // With [app_passcodes] off in mfagate there is nothing to offer; when the list cannot be read, the
+            // part says so (the user may have passcodes to remove).
+            if ($site === null || !empty($site['enabled'])) {
+                $view['passcodes']     = $site !== null && is_array($r['body']['passcodes'] ?? null) ? $r['body']['passcodes'] : false;
+                $view['passcode_site'] = $site;
+            }
+        }
+
+        if ($st === null) {
+            // A passcode just made is shown even so: it cannot be shown again.
+            $body = empty($view['passcode_shown']) ? '' : $ui->settings_shown_only($view['passcode_shown']);
+        }
+        else {
+            $body = $ui->settings($st, $view + ['block' => $this->block_of($st, $ip)]);
+        }
         $this->register_handler('plugin.body', function () use ($body) { return $body; });
         $this->rc->output->set_pagetitle($this->gettext('title'));
         $this->include_stylesheet($this->local_skin_path() . '/mfagate.css');
@@ -519,15 +559,64 @@ class mfagate extends rcube_plugin
         return $ip;
     }
 
-    /** The changes mfagate asks a code for once a factor is registered, and the form fields each carries. */
+    /**
+     * The changes mfagate asks a code for once a factor is registered, and the form fields each carries ("[]":
+     * a list, such as the ticked protocols).
+     */
     const NEEDS_PROOF = [
-        'disable'        => [],
-        'totp-begin'     => [],
-        'totp-remove'    => [],
-        'email-register' => ['_address'],
-        'email-remove'   => [],
-        'backup'         => [],
+        'disable'         => [],
+        'totp-begin'      => [],
+        'totp-remove'     => [],
+        'email-register'  => ['_address'],
+        'email-remove'    => [],
+        'backup'          => [],
+        'passcode-create' => ['_name', '_protocols[]'],
     ];
+
+    /**
+     * Whether this site lets Settings offer app passcodes (mfagate_passcodes, true by default). They are shown
+     * only when mfagate makes them, too: its passcode list says so ("app_passcodes": {"enabled"}).
+     */
+    private function passcodes_on()
+    {
+        return (bool) $this->cfg('passcodes', true);
+    }
+
+    /** The protocols ticked in a passcode form (known ones only, in mfagate's order). */
+    private function posted_protocols()
+    {
+        $posted = rcube_utils::get_input_value('_protocols', rcube_utils::INPUT_POST);
+        $posted = is_array($posted) ? array_filter($posted, 'is_string') : [];
+
+        return array_values(array_intersect(self::PROTOCOLS, $posted));
+    }
+
+    /** A device name as mfagate takes it: 1 to 64 characters, no control characters. */
+    private static function passcode_name_ok($name)
+    {
+        return is_string($name) && preg_match('/^[^\x00-\x1f\x7f]{1,64}$/u', $name) === 1;
+    }
+
+    /**
+     * The passcode just made, for the page that shows it: taken out of the session (whatever this request is),
+     * decrypted; null when there is none, or when it waited longer than SHOWN_TTL (the page was never loaded).
+     */
+    private function take_shown()
+    {
+        $s = $_SESSION[self::SHOWN] ?? null;
+        if ($s === null) {
+            return null;
+        }
+        $this->rc->session->remove(self::SHOWN);
+        unset($_SESSION[self::SHOWN]);
+
+        $code = is_array($s) && time() - (int) ($s['at'] ?? 0) <= self::SHOWN_TTL ? $this->rc->decrypt((string) ($s['code'] ?? '')) : false;
+        if (!is_string($code) || $code === '') {
+            return null;
+        }
+
+        return ['code' => $code, 'name' => (string) ($s['name'] ?? ''), 'protocols' => (array) ($s['protocols'] ?? [])];
+    }
 
     /** One change from the settings forms; returns what the page shows next (an enrolment, new codes, ...). */
     private function settings_post($user, $ip, mfagate_ui $ui, array $view)
@@ -540,7 +629,7 @@ class mfagate extends rcube_plugin
         // The confirmation's "send me an OTP": mail a code, and ask for the same change's code again.
         if ($op == 'proof-send') {
             $for = (string) rcube_utils::get_input_string('_for', rcube_utils::INPUT_POST);
-            if (!isset(self::NEEDS_PROOF[$for])) {
+            if (!isset(self::NEEDS_PROOF[$for]) || ($for == 'passcode-create' && !$this->passcodes_on())) {
                 $this->rc->output->show_message('mfagate.err_bad_request', 'error');
                 return $view;
             }
@@ -623,6 +712,26 @@ class mfagate extends rcube_plugin
                 return $view;
             }
             return $this->settings_done($r, $view, $ui, null, null, $op);
+        case 'passcode-create':
+            return $this->passcode_create($user, $ip, $ui, $view, $proof);
+        case 'passcode-revoke':
+            if (!$this->passcodes_on()) {
+                break;
+            }
+            $id = (string) rcube_utils::get_input_string('_passcode', rcube_utils::INPUT_POST);
+            if (!preg_match('/^[1-9][0-9]{0,15}$/', $id)) {
+                $this->rc->output->show_message('mfagate.err_passcode_gone', 'error');
+                return $view;
+            }
+            // Removing one only takes access away: no code is asked.
+            $r = $this->call('DELETE', '/passcodes/' . $id, $user, ['ip' => $ip]);
+            if ($r['status'] == 200) {
+                $name = (string) ($r['body']['passcode']['name'] ?? '');
+                $this->log('passcode-revoked', ['user' => $user, 'ip' => $ip, 'passcode' => $id, 'name' => $name]);
+                $this->rc->output->show_message('mfagate.passcode_removed', 'confirmation', ['name' => $name]);
+                return $view;
+            }
+            return $this->settings_done($r, $view, $ui, null, null);
         case 'revoke':
             $id = (string) rcube_utils::get_input_string('_grant', rcube_utils::INPUT_POST);
             if (!preg_match('/^[1-9][0-9]{0,15}$/', $id)) {
@@ -642,12 +751,78 @@ class mfagate extends rcube_plugin
         return $view;
     }
 
+    /**
+     * A new app passcode: the name and protocols are checked here, then the code is asked (the confirmation),
+     * then mfagate makes it. The passcode goes to the next page load only (see SHOWN): a reload or "back"
+     * cannot show it again, nor make another one.
+     */
+    private function passcode_create($user, $ip, mfagate_ui $ui, array $view, array $proof)
+    {
+        $op = 'passcode-create';
+        if (!$this->passcodes_on()) {
+            $this->rc->output->show_message('mfagate.err_bad_request', 'error');
+            return $view;
+        }
+
+        // The name as typed ("<" and "&" included: it is escaped wherever it is shown).
+        $name      = trim((string) rcube_utils::get_input_string('_name', rcube_utils::INPUT_POST, true));
+        $protocols = $this->posted_protocols();
+        $view['passcode_form'] = ['name' => $name, 'protocols' => $protocols];
+
+        if (!self::passcode_name_ok($name)) {
+            $ui->field_error('mfagate-passcode-name', $this->gettext('err_passcode_name'));
+            return $view;
+        }
+        if (empty($protocols)) {
+            $ui->field_error('mfagate-passcode-protocols', $this->gettext('err_passcode_protocols'));
+            return $view;
+        }
+        // mfagate makes a passcode only with a passed factor: ask for the code before anything is sent.
+        if (empty($proof)) {
+            $view['confirm'] = ['op' => $op, 'fields' => $this->carried($op)];
+            return $view;
+        }
+
+        $r = $this->call('POST', '/passcodes', $user, ['ip' => $ip, 'name' => $name, 'protocols' => $protocols] + $proof);
+        $code = (string) ($r['body']['code'] ?? '');
+        if ($r['status'] == 200 && $code !== '') {
+            $made = is_array($r['body']['passcode'] ?? null) ? $r['body']['passcode'] : [];
+            $this->log('passcode-added', ['user' => $user, 'ip' => $ip, 'passcode' => $made['id'] ?? '', 'name' => $name, 'protocols' => implode(',', $protocols)]);
+            $_SESSION[self::SHOWN] = [
+                'code'      => $this->rc->encrypt($code),
+                'name'      => (string) ($made['name'] ?? $name),
+                'protocols' => (array) ($made['protocols'] ?? $protocols),
+                'at'        => time(),
+            ];
+            $to = ['_action' => 'plugin.mfagate'];
+            if (!empty($_REQUEST['_framed'])) {
+                $to['_framed'] = 1;
+            }
+            $this->rc->output->redirect($to, 0);
+        }
+
+        $detail = (string) ($r['body']['message'] ?? '');
+        if (($r['body']['error'] ?? '') == 'conflict' && strpos($detail, 'not enabled') !== false) {
+            // Turned off in mfagate since the page was shown (the part is then hidden): said at the top.
+            $this->log('passcodes-off', ['user' => $user, 'ip' => $ip, 'reason' => 'mfagate answered that app passcodes are not enabled ([app_passcodes] enabled)']);
+            $this->rc->output->show_message('mfagate.err_passcodes_off', 'error');
+            return $view;
+        }
+        $field = strpos($detail, 'protocols') === 0 ? 'mfagate-passcode-protocols' : 'mfagate-passcode-name';
+
+        return $this->settings_done($r, $view, $ui, null, $field, $op);
+    }
+
     /** The form fields a change carries through its confirmation (only the ones it has). */
     private function carried($op)
     {
         $fields = [];
         foreach (self::NEEDS_PROOF[$op] ?? [] as $name) {
-            $fields[$name] = trim((string) rcube_utils::get_input_string($name, rcube_utils::INPUT_POST));
+            if ($name == '_protocols[]') {
+                $fields['_protocols'] = $this->posted_protocols();
+                continue;
+            }
+            $fields[$name] = trim((string) rcube_utils::get_input_string($name, rcube_utils::INPUT_POST, $name == '_name'));
         }
 
         return $fields;

@@ -2,8 +2,9 @@
 
 /**
  * The HTML of the plugin's two screens: the code page between the password and the mailbox, and the
- * "多要素認証 / Multi-factor authentication" section of Settings. Plain forms (Roundcube adds its request token
- * to each), every field with a label, errors next to the field they concern, no script of its own.
+ * "多要素認証 / Multi-factor authentication" section of Settings (with its "アプリ用パスコード / App passcodes"
+ * part). Plain forms (Roundcube adds its request token to each), every field with a label, errors next to the
+ * field they concern, no script of its own.
  */
 class mfagate_ui
 {
@@ -62,12 +63,18 @@ class mfagate_ui
             html::tag('input', ['type' => 'hidden', 'name' => '_mfagate_op', 'value' => $op]) . $content);
     }
 
-    /** A labelled text field for a code or an address, with its error (if any) next to it. */
-    public function input($id, $name, $label, $kind = 'code', $value = '')
+    /**
+     * A labelled text field for a code, an address or a name, with its hint (if any) and its error (if any)
+     * next to it.
+     */
+    public function input($id, $name, $label, $kind = 'code', $value = '', $hint = null)
     {
         $attrs = ['type' => 'text', 'id' => $id, 'name' => $name, 'class' => 'form-control', 'value' => $value, 'required' => 'required'];
 
-        if ($kind == 'code') {
+        if ($kind == 'name') {
+            $attrs += ['autocomplete' => 'off', 'maxlength' => 64];
+        }
+        else if ($kind == 'code') {
             $attrs += ['autocomplete' => 'one-time-code', 'inputmode' => 'numeric', 'spellcheck' => 'false', 'maxlength' => 64];
         }
         else if ($kind == 'backup') {
@@ -80,14 +87,22 @@ class mfagate_ui
         }
 
         $error = '';
+        $described = [];
+        if ($hint !== null) {
+            $described[] = "$id-hint";
+            $hint = html::div(['id' => "$id-hint", 'class' => 'hint'], self::q($hint));
+        }
         if (isset($this->errors[$id])) {
             $attrs['aria-invalid'] = 'true';
-            $attrs['aria-describedby'] = "$id-error";
+            $described[] = "$id-error";
             $error = html::div(['id' => "$id-error", 'class' => 'mfagate-error', 'role' => 'alert'], self::q($this->errors[$id]));
+        }
+        if ($described) {
+            $attrs['aria-describedby'] = implode(' ', $described);
         }
 
         return html::div('mfagate-field',
-            html::label(['for' => $id], self::q($label)) . html::tag('input', $attrs) . $error);
+            html::label(['for' => $id], self::q($label)) . html::tag('input', $attrs) . (string) $hint . $error);
     }
 
     public function p($text, $class = null, $id = null)
@@ -195,7 +210,10 @@ class mfagate_ui
      * @param array $st   mfagate's status of the user
      * @param array $view 'block' (this network's block), 'enrolment', 'backup_codes' (just issued), 'confirm'
      *                    (a change waiting for its proof: ['op', 'fields']), 'proof_sent' ([to, until]),
-     *                    'address' (the address field's value)
+     *                    'address' (the address field's value), 'passcodes' (the working app passcodes; false
+     *                    when they cannot be listed; absent when the site does not offer them),
+     *                    'passcode_shown' (one just made: ['code', 'name', 'protocols']), 'passcode_form' (the
+     *                    new passcode form's values: ['name', 'protocols'])
      */
     public function settings(array $st, array $view)
     {
@@ -206,6 +224,11 @@ class mfagate_ui
         // A change that needs a code first: asked for on top, before anything else.
         if (!empty($view['confirm'])) {
             $out .= $this->confirm($f, $view['confirm'], $view['proof_sent'] ?? null);
+        }
+
+        // An app passcode just made: shown on this page only.
+        if (!empty($view['passcode_shown'])) {
+            $out .= $this->passcode_shown($view['passcode_shown']);
         }
 
         // Just issued backup codes: shown this once.
@@ -283,8 +306,169 @@ class mfagate_ui
             html::tag('h2', ['id' => 'mfagate-backup-title'], self::q($this->t('backup_section'))) . $backup)
             . $this->p($this->t('recommend_both'), 'hint');
 
+        if (array_key_exists('passcodes', $view)) {
+            $out .= $this->passcodes($view['passcodes'], $has_factor, $view['passcode_form'] ?? null, $view['passcode_site'] ?? null);
+        }
+
         return html::div(['id' => 'mfagate-settings', 'class' => 'mfagate formcontent'],
             html::tag('h1', ['class' => 'voice'], self::q($this->t('title'))) . $out);
+    }
+
+    /** The section with nothing but a passcode just made (when mfagate's status could not be read after it). */
+    public function settings_shown_only(array $shown)
+    {
+        return html::div(['id' => 'mfagate-settings', 'class' => 'mfagate formcontent'],
+            html::tag('h1', ['class' => 'voice'], self::q($this->t('title'))) . $this->passcode_shown($shown));
+    }
+
+    // ---- app passcodes ----------------------------------------------------------------------------------
+
+    /** "IMAP (receiving), SMTP (sending)": what a passcode is for. */
+    private function protocol_list(array $protocols)
+    {
+        $names = [];
+        foreach ($protocols as $p) {
+            $p = (string) $p;
+            $names[] = in_array($p, mfagate::PROTOCOLS) ? $this->t('passcode_proto_' . $p) : $p;
+        }
+
+        return implode($this->t('list_separator'), $names);
+    }
+
+    /** "IMAP", "POP", "SMTP", "Sieve": the protocol of a last use. */
+    private static function protocol_name($p)
+    {
+        $known = ['imap' => 'IMAP', 'pop3' => 'POP', 'smtp' => 'SMTP', 'submission' => 'SMTP', 'sieve' => 'Sieve'];
+
+        return $known[strtolower((string) $p)] ?? strtoupper((string) $p);
+    }
+
+    /**
+     * The app passcodes part: the working passcodes (name, use, created, last use, expiry) with a remove button
+     * each, and the form for a new one, which the confirmation with a code follows.
+     *
+     * @param array|false $list  mfagate's passcodes, or false when they could not be listed
+     * @param array|null  $form  the form's values after an error: ['name', 'protocols']
+     * @param array|null  $site  mfagate's [app_passcodes]: ['enabled', 'max_per_user', 'protocols']
+     */
+    private function passcodes($list, $has_factor, $form, $site)
+    {
+        $out = html::tag('h2', ['id' => 'mfagate-passcodes-title'], self::q($this->t('passcodes_section')))
+            . $this->p($this->t('passcodes_intro'))
+            . $this->p($this->t('passcodes_password_still'), 'hint');
+
+        if ($list === false) {
+            $out .= $this->p($this->t('err_passcodes_list'), 'mfagate-notice', 'mfagate-passcodes-unavailable');
+        }
+        else if (empty($list)) {
+            $out .= $this->p($this->t('passcodes_none'), 'hint', 'mfagate-no-passcodes');
+        }
+        else {
+            $out .= $this->passcode_table($list);
+        }
+
+        $max = is_array($site) ? (int) ($site['max_per_user'] ?? 0) : 0;
+        if (!$has_factor) {
+            $out .= $this->p($this->t('passcodes_need_factor'), 'mfagate-notice', 'mfagate-passcodes-need-factor');
+        }
+        else if ($max > 0 && is_array($list) && count($list) >= $max) {
+            $out .= $this->p($this->t('passcodes_at_max', ['n' => $max]), 'mfagate-notice', 'mfagate-passcodes-at-max');
+        }
+        else {
+            $defaults = is_array($site) && is_array($site['protocols'] ?? null) ? array_values(array_intersect(mfagate::PROTOCOLS, $site['protocols'])) : mfagate::PROTOCOLS;
+            $out .= $this->passcode_form($form, $defaults ?: mfagate::PROTOCOLS);
+        }
+
+        return html::tag('section', ['class' => 'mfagate-card', 'id' => 'mfagate-passcodes', 'aria-labelledby' => 'mfagate-passcodes-title'], $out);
+    }
+
+    private function passcode_table(array $list)
+    {
+        $rows = '';
+        foreach ($list as $p) {
+            $id   = (int) ($p['id'] ?? 0);
+            $name = (string) ($p['name'] ?? '');
+            $by   = strpos((string) ($p['created_by'] ?? ''), 'cli') === 0 ? ' ' . html::span('hint', self::q($this->t('passcode_by_helpdesk'))) : '';
+            $used = empty($p['last_used_at']) ? $this->t('passcode_never')
+                : $this->t('passcode_last_use', ['at' => self::jst($p['last_used_at']), 'ip' => (string) ($p['last_used_ip'] ?? ''), 'protocol' => self::protocol_name($p['last_used_protocol'] ?? '')]);
+            $expires = empty($p['expires_at']) ? $this->t('passcode_no_expiry') : self::jst($p['expires_at']);
+            $remove = $this->form('mfagate-passcode-revoke-' . $id, 'passcode-revoke',
+                html::tag('input', ['type' => 'hidden', 'name' => '_passcode', 'value' => $id])
+                . html::tag('button', ['type' => 'submit', 'class' => 'btn mfagate-submit mfagate-danger', 'aria-label' => $this->t('passcode_remove_label', ['name' => $name])], self::q($this->t('passcode_remove_button'))),
+                'mfagate-inline');
+            $rows .= html::tag('tr', ['data-passcode' => $id],
+                html::tag('td', ['class' => 'mfagate-passcode-name'], self::q($name))
+                . html::tag('td', null, self::q($this->protocol_list((array) ($p['protocols'] ?? []))))
+                . html::tag('td', null, self::q(self::jst($p['created_at'] ?? '')) . $by)
+                . html::tag('td', ['class' => 'mfagate-passcode-used'], self::q($used))
+                . html::tag('td', null, self::q($expires))
+                . html::tag('td', null, $remove));
+        }
+
+        $head = '';
+        foreach (['passcode_col_name', 'passcode_col_protocols', 'passcode_col_created', 'passcode_col_used', 'col_expires', 'col_action'] as $col) {
+            $head .= html::tag('th', ['scope' => 'col'], self::q($this->t($col)));
+        }
+
+        return html::div('mfagate-table-wrap', html::tag('table', ['class' => 'table mfagate-status mfagate-passcodes', 'id' => 'mfagate-passcodes-list', 'aria-labelledby' => 'mfagate-passcodes-title'],
+            html::tag('thead', null, html::tag('tr', null, $head)) . html::tag('tbody', null, $rows)));
+    }
+
+    /** The form for a new passcode: the device's name and what it may be used for (mfagate's defaults ticked). */
+    private function passcode_form($form, array $defaults)
+    {
+        $ticked = is_array($form) ? (array) ($form['protocols'] ?? []) : $defaults;
+        $group  = 'mfagate-passcode-protocols';
+
+        $boxes = '';
+        foreach (mfagate::PROTOCOLS as $p) {
+            $attrs = ['type' => 'checkbox', 'id' => "mfagate-passcode-$p", 'name' => '_protocols[]', 'value' => $p];
+            if (in_array($p, $ticked, true)) {
+                $attrs['checked'] = 'checked';
+            }
+            $boxes .= html::div('mfagate-check',
+                html::tag('input', $attrs) . ' ' . html::label(['for' => "mfagate-passcode-$p"], self::q($this->t('passcode_proto_' . $p))));
+        }
+
+        $fieldset = ['id' => $group, 'class' => 'mfagate-protocols'];
+        $error = '';
+        if (isset($this->errors[$group])) {
+            $fieldset['aria-describedby'] = "$group-error";
+            $error = html::div(['id' => "$group-error", 'class' => 'mfagate-error', 'role' => 'alert'], self::q($this->errors[$group]));
+        }
+
+        return html::tag('h3', ['id' => 'mfagate-passcode-create-title'], self::q($this->t('passcode_create_title')))
+            . $this->form('mfagate-passcode-create', 'passcode-create',
+                $this->input('mfagate-passcode-name', '_name', $this->t('passcode_name_label'), 'name', is_array($form) ? (string) ($form['name'] ?? '') : '', $this->t('passcode_name_hint'))
+                . html::tag('fieldset', $fieldset, html::tag('legend', null, self::q($this->t('passcode_protocols_legend'))) . $boxes . $error)
+                . $this->p($this->t('passcode_create_hint'), 'hint')
+                . $this->submit($this->t('passcode_create_button')));
+    }
+
+    /**
+     * A passcode just made, on the one page that shows it: large, in its groups of four, with where to type it
+     * into iPhone Mail, Android's Gmail or Outlook, and Thunderbird.
+     */
+    private function passcode_shown(array $s)
+    {
+        $howto = '';
+        foreach (['iphone', 'android', 'thunderbird'] as $device) {
+            $howto .= html::tag('dt', null, self::q($this->t("passcode_howto_{$device}_title")))
+                . html::tag('dd', null, self::q($this->t("passcode_howto_$device")));
+        }
+
+        return html::tag('section', ['class' => 'mfagate-card mfagate-shown', 'id' => 'mfagate-passcode-shown', 'aria-labelledby' => 'mfagate-passcode-shown-title'],
+            html::tag('h2', ['id' => 'mfagate-passcode-shown-title'], self::q($this->t('passcode_shown_title', ['name' => $s['name']])))
+            . $this->p($this->t('passcode_shown_once'), 'mfagate-notice')
+            . html::p('mfagate-passcode-box', html::tag('code', ['id' => 'mfagate-passcode-value', 'class' => 'mfagate-passcode'], self::q($s['code'])))
+            . $this->p($this->t('passcode_shown_for', ['protocols' => $this->protocol_list($s['protocols'])]), 'hint', 'mfagate-passcode-shown-for')
+            . html::tag('ul', ['class' => 'mfagate-passcode-notes'],
+                html::tag('li', null, self::q($this->t('passcode_howto')))
+                . html::tag('li', null, self::q($this->t('passcode_any_network')))
+                . html::tag('li', null, self::q($this->t('passcode_one_per_device'))))
+            . html::tag('h3', ['id' => 'mfagate-passcode-howto-title'], self::q($this->t('passcode_howto_heading')))
+            . html::tag('dl', ['class' => 'mfagate-howto', 'aria-labelledby' => 'mfagate-passcode-howto-title'], $howto)
+            . html::a(['href' => $this->action, 'class' => 'btn mfagate-submit mfagate-primary', 'id' => 'mfagate-passcode-done'], self::q($this->t('passcode_done'))));
     }
 
     /** The form's main button. */
@@ -302,7 +486,9 @@ class mfagate_ui
     {
         $carry = '';
         foreach ($c['fields'] ?? [] as $name => $value) {
-            $carry .= html::tag('input', ['type' => 'hidden', 'name' => $name, 'value' => (string) $value]);
+            foreach (is_array($value) ? $value : [$value] as $v) {
+                $carry .= html::tag('input', ['type' => 'hidden', 'name' => is_array($value) ? $name . '[]' : $name, 'value' => (string) $v]);
+            }
         }
 
         $options = '';
@@ -322,7 +508,11 @@ class mfagate_ui
             }
         }
 
-        $what = $this->t('confirm_' . str_replace('-', '_', (string) $c['op']), ['address' => $c['fields']['_address'] ?? '']);
+        $what = $this->t('confirm_' . str_replace('-', '_', (string) $c['op']), [
+            'address'   => $c['fields']['_address'] ?? '',
+            'name'      => $c['fields']['_name'] ?? '',
+            'protocols' => $this->protocol_list((array) ($c['fields']['_protocols'] ?? [])),
+        ]);
 
         return html::tag('section', ['class' => 'mfagate-card mfagate-confirm', 'id' => 'mfagate-confirm', 'aria-labelledby' => 'mfagate-confirm-title'],
             html::tag('h2', ['id' => 'mfagate-confirm-title'], self::q($this->t('proof_legend')))
