@@ -155,8 +155,8 @@ t.test('a grant notice goes to the registered address (unless turned off)', asyn
   t.ok(h.lines.some((l) => /"event":"notice-not-sent"/.test(l)));
 });
 
-t.test('reset: factors and backup codes gone, grants revoked, MFA still required, registration open again', async (t) => {
-  const h = mfaHarness();
+t.test('reset: factors, backup codes and app passcodes gone, grants revoked, MFA still required, registration open again', async (t) => {
+  const h = mfaHarness({ toml: '[app_passcodes]\nenabled = true\n' });
   t.teardown(() => h.close());
   t.equal(await errorCode(() => h.svc.reset('nobody', 'helpdesk', 'lost phone')), 'not-registered');
   const secret = await h.registerApp('alice');
@@ -172,9 +172,12 @@ t.test('reset: factors and backup codes gone, grants revoked, MFA still required
   await h.svc.sendLoginCode('alice', IP);
   const pendingCode = h.mailer.lastCode(ADDR);
   t.equal(h.svc.grants('alice').length, 2);
+  h.advance(STEP_MS);
+  const phone = await h.svc.passcodeCreate('alice', IP, totp(h.totp(secret)), 'iPhone', undefined);
 
   const r = h.svc.reset('alice', 'helpdesk:sato', 'lost phone');
-  t.same(r, { grantsRevoked: 2 });
+  t.same(r, { grantsRevoked: 2, passcodesRevoked: 1 });
+  t.match(await h.svc.passcodes.check({ user: 'alice', passcode: phone.code, ip: IP, protocol: 'imap', isWebmail: () => false }), { ok: false }, "the lost phone's passcode no longer works");
   const s = h.svc.status('alice', IP);
   t.match(s, {
     mfa_enabled: true,
@@ -189,7 +192,7 @@ t.test('reset: factors and backup codes gone, grants revoked, MFA still required
   t.equal(await errorCode(() => h.svc.verify('alice', IP, email(pendingCode))), 'factor-failed', 'a code sent before is void');
   t.equal(await errorCode(() => h.svc.verify('alice', IP, totp(h.totp(secret)))), 'factor-failed', 'the old app is gone');
   t.equal(h.store.listGrants({ user: 'alice', now: h.clock.now, all: true }).every((g) => g.revokedBy === 'helpdesk:sato'), true);
-  t.match(h.store.auditOf('alice', 100).find((a) => a.action === 'user-reset'), { actor: 'helpdesk:sato', detail: { reason: 'lost phone', grants_revoked: 2 } });
+  t.match(h.store.auditOf('alice', 100).find((a) => a.action === 'user-reset'), { actor: 'helpdesk:sato', detail: { reason: 'lost phone', grants_revoked: 2, passcodes_revoked: 1 } });
   // First registration trusts the password again.
   const fresh = await h.svc.totpBegin('alice', IP, undefined);
   t.ok(fresh.secret);
