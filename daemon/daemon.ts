@@ -55,6 +55,8 @@ const FILES_REMIND_MS = 60_000;
 const API_MAX_BODY_BYTES = 16 * 1024;
 /** Failed factor attempts are kept at least this long (the lockout window may be longer). */
 const FAILURES_KEPT_MS = 24 * 3600_000;
+/** How long the change feed keeps a change: a copy that fell further behind loads whole instead. */
+const CHANGES_KEPT_MS = 24 * 3600_000;
 
 /** The bearer token for TCP API listeners: one word of printable ASCII in `[api] token_file`. */
 export function readApiToken(file: string): string {
@@ -79,9 +81,17 @@ export function readApiToken(file: string): string {
  */
 export async function startDaemon(config: Config, logger: Logger, opts: DaemonOptions = {}): Promise<Daemon> {
   const clock = opts.clock ?? Date.now;
+  if (config.store.backend !== 'sqlite') {
+    throw new StartError(
+      `[store] backend = "${config.store.backend}": this version of mfagate serves from a SQLite store only; ` +
+        `the PostgreSQL schema ("mfagate db migrate") and "mfagate db copy" are ready for it (docs/scaling.md)`,
+    );
+  }
   const store = Store.open(config.store.path, { create: opts.createStore === true || config.file === undefined, migrate: true });
   const pid = process.pid;
+  const loadStarted = performance.now();
   const service = new PolicyService(config, store, logger, clock);
+  const copyLoadMs = Math.round(performance.now() - loadStarted);
   const bound: { server: net.Server; endpoint: Endpoint }[] = [];
   const endpoints: Daemon['endpoints'] = { dovecot: [], postfix: [], api: [], web: [] };
   const webs: WebServer[] = [];
@@ -185,6 +195,9 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
       const purgePasscodes = () => store.db.transaction(() => store.passcodes.purge(now - service.config.grants.purgeAfterMs)).immediate();
       for (let n = purgePasscodes(); n > 0; n = purgePasscodes()) passcodes += n;
       if (passcodes > 0) logger.log('info', 'passcodes-purged', { count: passcodes });
+      // The change feed: a copy further behind than this reloads whole. The copy forgets expired grants.
+      store.purgeChanges(now - CHANGES_KEPT_MS);
+      service.copy.sweep(now);
     };
     every(PURGE_EVERY_MS, purge);
     if (webs.length > 0) every(WEB_SWEEP_MS, () => webs.forEach((w) => w.sweep()));
@@ -214,6 +227,7 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
     api: endpoints.api.map(formatEndpoint),
     web: endpoints.web.map(formatEndpoint),
     mode: config.enforcement.mode,
+    copy: { load_ms: copyLoadMs, flagged_users: service.copy.size().flaggedUsers, grants: service.copy.size().grants },
   });
 
   if (config.dovecot.apiKey === '' && config.dovecot.listen.some((e) => e.kind === 'tcp')) {

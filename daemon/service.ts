@@ -5,6 +5,7 @@ import { parseAddress } from '../policy/address.js';
 import { type Decision, type PolicySettings, decide } from '../policy/decide.js';
 import { isAcceptableUserName, normaliseUser } from '../policy/user.js';
 import type { LoginReport, Store } from '../store/store.js';
+import type { LiveCopy } from '../store/live-copy.js';
 import { type CheckResult, PasscodeService, passcodeProtocolOf } from '../mfa/passcodes.js';
 import type { PasscodeCheckRequest } from './dovecot-protocol.js';
 import { type Logger, errorText } from './log.js';
@@ -39,6 +40,9 @@ export class PolicyService {
   /** App passcodes: checked for Dovecot's Lua passdb, and the passcode rule of the decision. */
   readonly passcodes: PasscodeService;
 
+  /** What decisions read: users' flags and active grants in memory, kept current from the store's change feed. */
+  readonly copy: LiveCopy;
+
   constructor(
     config: Config,
     readonly store: Store,
@@ -48,6 +52,18 @@ export class PolicyService {
     this.config = config;
     this.settings = policySettings(config);
     this.passcodes = new PasscodeService({ store, config: () => this.config, logger, clock });
+    let since = 0;
+    this.copy = store.liveCopy(clock, {
+      failed: (e, currentAt) => {
+        since = clock();
+        logger.log('error', 'copy-stale', {
+          error: errorText(e),
+          current_at: new Date(currentAt).toISOString(),
+          note: 'the store cannot be read: decisions go on from the copy in memory as it was then',
+        });
+      },
+      recovered: (currentAt) => logger.log('info', 'copy-current', { stale_ms: clock() - since, current_at: new Date(currentAt).toISOString() }),
+    });
   }
 
   /** Swap in a reloaded configuration (SIGHUP). */
@@ -73,7 +89,7 @@ export class PolicyService {
     const passcodeId = input.endpoint === 'postfix' ? this.passcodes.smtpSession(user, ip) : input.passcode;
     // (smtpSession looked up whether it still works for SMTP.)
     const passcode = passcodeId !== undefined && (input.endpoint === 'postfix' || this.passcodes.loginAllowed(user, ip, passcodeId, protocol));
-    const decision = decide(this.settings, { user, address, realAddress, protocol, now, passcode }, this.store);
+    const decision = decide(this.settings, { user, address, realAddress, protocol, now, passcode }, this.copy);
     if (decision.rule === 'app-passcode' && input.endpoint === 'dovecot' && passcodeId !== undefined && passcodeProtocolOf(protocol) === 'smtp') {
       this.passcodes.noteSmtpSession(user, ip, passcodeId);
     }

@@ -4,6 +4,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type Database from 'better-sqlite3';
 import type { Facts, GrantFacts, LookupResult } from '../policy/decide.js';
+import { LiveCopy, type UserState } from './live-copy.js';
 import { MfaStore } from './mfa-store.js';
 import { PasscodeStore } from './passcode-store.js';
 import { giveToDaemonUser } from './ownership.js';
@@ -122,6 +123,12 @@ const userFromRow = (r: Row): UserRow => ({
   updatedAt: r['updated_at'] as number,
 });
 
+/** Told when reading the change feed starts failing (once, not per decision) and when it works again. */
+export interface FeedWatcher {
+  failed?: (error: unknown, currentAt: number) => void;
+  recovered?: (currentAt: number) => void;
+}
+
 export interface OpenOptions {
   /**
    * Create the file (mode 0600) and its directory (0750) if missing: only `mfagate db migrate`, the daemon on
@@ -233,6 +240,96 @@ export class Store implements Facts {
   activeGrant(user: string, block: string, now: number): GrantFacts | undefined {
     const r = this.st.activeGrant.get(user, block, now) as Row | undefined;
     return r ? { id: r['id'] as number, expiresAt: r['expires_at'] as number } : undefined;
+  }
+
+  // ---- the change feed and the daemon's in-memory copy ----------------------------------------------------
+
+  /** The id of the newest change ever written (0 for none), purged or not. */
+  latestChange(): number {
+    return (this.st.latestChange.get() as number | undefined) ?? 0;
+  }
+
+  /** Changes after `id`, oldest first, at most `limit`: each names a user whose decisions may have changed. */
+  changesSince(id: number, limit = 10_000): { id: number; user: string }[] {
+    return this.st.changesSince.all(id, limit) as { id: number; user: string }[];
+  }
+
+  /** What decisions need of one user now (grants not revoked; the copy checks expiry when it decides). */
+  userState(user: string): UserState {
+    const u = this.st.userFlags.get(user) as { mfa_enabled: number; exempt: number } | undefined;
+    const flags = u && (u.mfa_enabled === 1 || u.exempt === 1) ? { mfaEnabled: u.mfa_enabled === 1, exempt: u.exempt === 1 } : undefined;
+    const grants = (this.st.userGrants.all(user) as Row[]).map((r) => ({ block: r['block'] as string, id: r['id'] as number, expiresAt: r['expires_at'] as number }));
+    return { flags, grants };
+  }
+
+  /** Deletes changes written before `before` (a copy further behind than that reloads whole). */
+  purgeChanges(before: number): number {
+    return this.db.transaction(() => this.st.purgeChanges.run(before).changes).immediate();
+  }
+
+  /**
+   * An in-memory copy of what decisions need, loaded now and brought up to date before each lookup: one
+   * statement reads the newest change id, and only when it moved are the changed users read again. Changes made
+   * by this process and by any other (the CLI) are seen by the very next decision.
+   */
+  liveCopy(clock: () => number = Date.now, feed: FeedWatcher = {}): LiveCopy {
+    let failing = false;
+    const copy: LiveCopy = new LiveCopy(() => {
+      // A store that cannot be read (an I/O error, a file gone bad) leaves decisions to the copy as it was.
+      try {
+        if (this.latestChange() !== copy.lastChange) this.catchUp(copy, clock());
+        else copy.currentAt = clock();
+      } catch (e) {
+        if (!failing) feed.failed?.(e, copy.currentAt);
+        failing = true;
+        return;
+      }
+      if (failing) feed.recovered?.(copy.currentAt);
+      failing = false;
+    });
+    this.reloadCopy(copy, clock());
+    return copy;
+  }
+
+  /** Loads the whole copy again (at start, and when the feed has a gap the copy cannot bridge). */
+  reloadCopy(copy: LiveCopy, now: number): void {
+    // One read transaction: the copy and the change id it is current to come from one snapshot.
+    this.db
+      .transaction(() => {
+        const latest = this.latestChange();
+        const users = (this.st.flaggedUsers.raw().iterate() as IterableIterator<[string, number, number]>);
+        const flagged = (function* () {
+          for (const [name, mfa, exempt] of users) yield [name, { mfaEnabled: mfa === 1, exempt: exempt === 1 }] as [string, { mfaEnabled: boolean; exempt: boolean }];
+        })();
+        const rows = this.st.activeGrants.raw().iterate(now) as IterableIterator<[string, string, number, number]>;
+        const grants = (function* () {
+          for (const [user, block, id, expiresAt] of rows) yield { user, block, id, expiresAt };
+        })();
+        copy.replaceAll(flagged, grants, latest, now);
+      })
+      .deferred();
+  }
+
+  /** Applies the changes after the copy's last one; reloads whole when some of them were purged unseen. */
+  catchUp(copy: LiveCopy, now: number): void {
+    for (;;) {
+      const rows = this.changesSince(copy.lastChange);
+      const first = rows[0];
+      if (first === undefined) {
+        // Nothing to read but the newest id moved: the changes were purged before this copy saw them.
+        if (this.latestChange() !== copy.lastChange) this.reloadCopy(copy, now);
+        return;
+      }
+      if (first.id !== copy.lastChange + 1) {
+        this.reloadCopy(copy, now);
+        return;
+      }
+      const users = new Set(rows.map((r) => r.user));
+      for (const u of users) copy.setUser(u, this.userState(u));
+      copy.lastChange = rows[rows.length - 1]?.id ?? copy.lastChange;
+      copy.currentAt = now;
+      if (rows.length < 10_000) return;
+    }
   }
 
   // ---- users -------------------------------------------------------------------------------------------
@@ -538,6 +635,13 @@ function prepareStatements(db: Database.Database) {
               (SELECT count(*) FROM users WHERE exempt = 1) AS exempt,
               (SELECT count(*) FROM grants WHERE revoked_at IS NULL AND expires_at > ?) AS active_grants`,
     ),
+    latestChange: db.prepare("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").pluck(),
+    changesSince: db.prepare('SELECT id, user FROM changes WHERE id > ? ORDER BY id LIMIT ?'),
+    userFlags: db.prepare('SELECT mfa_enabled, exempt FROM users WHERE name = ?'),
+    userGrants: db.prepare('SELECT block, id, expires_at FROM grants WHERE user = ? AND revoked_at IS NULL'),
+    flaggedUsers: db.prepare('SELECT name, mfa_enabled, exempt FROM users WHERE mfa_enabled = 1 OR exempt = 1'),
+    activeGrants: db.prepare('SELECT user, block, id, expires_at FROM grants WHERE revoked_at IS NULL AND expires_at > ?'),
+    purgeChanges: db.prepare('DELETE FROM changes WHERE at <= ?'),
     statsRead: db.prepare('SELECT * FROM daemon_stats WHERE id = 1'),
     statsStart: db.prepare(
       `INSERT INTO daemon_stats (id, pid, started_at, updated_at) VALUES (1, ?, ?, ?)

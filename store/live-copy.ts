@@ -1,0 +1,107 @@
+// The daemon's in-memory copy of what a decision needs: the users whose flags matter (MFA enabled, exempt) and
+// the active grants by user and block. Decisions read it without a statement; the store's change feed keeps it
+// current (see Store.liveCopy). It holds no I/O of its own: whoever feeds it calls replaceAll and setUser.
+import type { Facts, GrantFacts, LookupResult, UserFacts } from '../policy/decide.js';
+
+/** What the store holds for one user, as far as decisions go. */
+export interface UserState {
+  /** undefined: unknown, or known with neither flag (the two decide alike). */
+  flags: UserFacts | undefined;
+  /** The user's active grants (any order; the latest-expiring one of a block wins). */
+  grants: readonly ({ block: string } & GrantFacts)[];
+}
+
+const MFA = 1;
+const EXEMPT = 2;
+
+const FLAG_FACTS: readonly (UserFacts | undefined)[] = [
+  undefined,
+  { mfaEnabled: true, exempt: false },
+  { mfaEnabled: false, exempt: true },
+  { mfaEnabled: true, exempt: true },
+];
+
+export class LiveCopy implements Facts {
+  /** Users with a flag set, as MFA | EXEMPT bits; a user with neither is not kept. */
+  private flags = new Map<string, number>();
+  /** user -> block -> the grant that expires last. Expired entries stay until sweep() or the user changes. */
+  private grants = new Map<string, Map<string, GrantFacts>>();
+  private grantCount = 0;
+  /** The id of the newest change applied. */
+  lastChange = 0;
+  /** When the copy was last known to match the store (ms). */
+  currentAt = 0;
+
+  /**
+   * @param beforeLookup called before each lookup: brings the copy up to date when that costs no waiting
+   * (the SQLite feed: one cheap statement, and the changed users when there are any).
+   */
+  constructor(private readonly beforeLookup?: () => void) {}
+
+  lookup(user: string, block: string, now: number): LookupResult {
+    this.beforeLookup?.();
+    const bits = this.flags.get(user) ?? 0;
+    const g = this.grants.get(user)?.get(block);
+    return { user: FLAG_FACTS[bits], grant: g !== undefined && g.expiresAt > now ? g : undefined };
+  }
+
+  /** Replaces the whole copy (start, or after a gap in the feed). */
+  replaceAll(users: Iterable<[string, UserFacts]>, grants: Iterable<{ user: string; block: string } & GrantFacts>, lastChange: number, now: number): void {
+    this.flags = new Map();
+    this.grants = new Map();
+    this.grantCount = 0;
+    for (const [name, f] of users) this.setFlags(name, f);
+    for (const g of grants) this.addGrant(g.user, g.block, { id: g.id, expiresAt: g.expiresAt });
+    this.lastChange = lastChange;
+    this.currentAt = now;
+  }
+
+  /** Replaces what the copy holds for one user with what the store holds now. */
+  setUser(user: string, state: UserState): void {
+    this.setFlags(user, state.flags);
+    const old = this.grants.get(user);
+    if (old) {
+      this.grantCount -= old.size;
+      this.grants.delete(user);
+    }
+    for (const g of state.grants) this.addGrant(user, g.block, { id: g.id, expiresAt: g.expiresAt });
+  }
+
+  /** Forgets grants that expired at or before `now`; returns how many. */
+  sweep(now: number): number {
+    let n = 0;
+    for (const [user, blocks] of this.grants) {
+      for (const [block, g] of blocks) {
+        if (g.expiresAt <= now) {
+          blocks.delete(block);
+          n++;
+        }
+      }
+      if (blocks.size === 0) this.grants.delete(user);
+    }
+    this.grantCount -= n;
+    return n;
+  }
+
+  /** What the copy holds: users with a flag, and (user, block) grants kept (some may have expired since). */
+  size(): { flaggedUsers: number; grants: number } {
+    return { flaggedUsers: this.flags.size, grants: this.grantCount };
+  }
+
+  private setFlags(user: string, f: UserFacts | undefined): void {
+    const bits = f ? (f.mfaEnabled ? MFA : 0) | (f.exempt ? EXEMPT : 0) : 0;
+    if (bits === 0) this.flags.delete(user);
+    else this.flags.set(user, bits);
+  }
+
+  private addGrant(user: string, block: string, g: GrantFacts): void {
+    let blocks = this.grants.get(user);
+    if (!blocks) {
+      blocks = new Map();
+      this.grants.set(user, blocks);
+    }
+    const held = blocks.get(block);
+    if (held === undefined) this.grantCount++;
+    if (held === undefined || g.expiresAt > held.expiresAt) blocks.set(block, g);
+  }
+}
