@@ -4,7 +4,9 @@ import type { Command } from 'commander';
 import { formatDuration } from '../config/duration.js';
 import { formatEndpoint } from '../config/listen.js';
 import { migrateFile } from '../store/store.js';
-import { configOf, json, out, withStore } from './common.js';
+import { type PgSettings, pgUrlProblem } from '../config/postgresql.js';
+import { copyToPg, migratePg, withPg } from '../store/pg.js';
+import { UsageError, configOf, json, out, sqlitePath, withStore, withStoreAsync } from './common.js';
 import { formatTime } from './format.js';
 
 export function adminCommands(program: Command): void {
@@ -16,7 +18,7 @@ export function adminCommands(program: Command): void {
     .action((_o, cmd: Command) => {
       const config = configOf(cmd);
       out(`${config.file ?? '(no file: built-in defaults)'}: OK`);
-      out(`store:            ${config.store.path}`);
+      out(`store:            ${config.store.backend === 'sqlite' ? config.store.path : `PostgreSQL ${config.store.postgresql?.url} (tls ${config.store.postgresql?.tls}${config.store.postgresql?.passwordFile ? `, password in ${config.store.postgresql.passwordFile}` : ', no password file'})`}`);
       out(`dovecot listen:   ${config.dovecot.listen.map(formatEndpoint).join(', ')}${config.dovecot.apiKey ? ' (API key required)' : ' (no API key)'}`);
       out(`postfix listen:   ${config.postfix.listen.map(formatEndpoint).join(', ')}`);
       out(`enforcement:      ${config.enforcement.mode}; protocols ${config.enforcement.protocols.join(', ')}`);
@@ -33,16 +35,46 @@ export function adminCommands(program: Command): void {
       out(`mail:             ${config.mail.smtp} from ${config.mail.from}; notices ${config.mail.notify ? 'on' : 'off'}`);
       out(`lockout:          ${config.lockout.maxFailures} wrong codes in ${formatDuration(config.lockout.windowMs)} lock the user for ${formatDuration(config.lockout.durationMs)}; ${config.lockout.ipMaxFailures} per address`);
     });
-  program
-    .command('db')
-    .description('the store')
-    .command('migrate')
-    .description('create the store or bring its schema up to date')
-    .action((_o, cmd: Command) => {
+  const db = program.command('db').description('the store');
+  db.command('migrate')
+    .description('create the store or bring its schema up to date (the SQLite file, or the PostgreSQL database)')
+    .action(async (_o, cmd: Command) => {
       const config = configOf(cmd);
+      const pg = config.store.postgresql;
+      if (config.store.backend === 'postgresql' && pg) {
+        const { from, to } = await withPg(pg, migratePg);
+        out(from === to ? `${pg.url}: schema version ${to}, up to date` : from === 0 ? `${pg.url}: created, schema version ${to}` : `${pg.url}: migrated from schema version ${from} to ${to}`);
+        return;
+      }
       const { from, to, created } = migrateFile(config.store.path);
       if (created) out(`${config.store.path}: created, schema version ${to}`);
       else out(from === to ? `${config.store.path}: schema version ${to}, up to date` : `${config.store.path}: migrated from schema version ${from} to ${to}`);
+    });
+  db.command('copy')
+    .description('copy the SQLite store (users, factors, grants, passcodes, audit log) into a PostgreSQL database; run again, it adds only what is new')
+    .requiredOption('--to <url>', 'postgresql://user@host[:port][,host2[:port]]/database (no password in it)')
+    .option('--password-file <file>', "a file holding the database user's password")
+    .option('--tls <mode>', 'disable | require | verify-full', 'verify-full')
+    .option('--ca-file <file>', 'CA certificates for verify-full (PEM)')
+    .option('--json', 'machine-readable output')
+    .action(async (o: { to: string; passwordFile?: string; tls: string; caFile?: string; json?: boolean }, cmd: Command) => {
+      const config = configOf(cmd);
+      const problem = pgUrlProblem(o.to);
+      if (problem) throw new UsageError(`--to: ${problem}`);
+      if (o.tls !== 'disable' && o.tls !== 'require' && o.tls !== 'verify-full') throw new UsageError(`--tls: expected disable, require or verify-full, got ${JSON.stringify(o.tls)}`);
+      if (o.caFile !== undefined && o.tls !== 'verify-full') throw new UsageError('--ca-file: only used with --tls verify-full');
+      const target: PgSettings = { url: o.to, passwordFile: o.passwordFile, tls: o.tls, caFile: o.caFile };
+      const started = Date.now();
+      const { migrated, tables } = await withStoreAsync(config, (store) =>
+        withPg(target, async (sql) => {
+          const migrated = await migratePg(sql);
+          return { migrated, tables: await copyToPg(store, sql) };
+        }),
+      );
+      if (o.json) return json({ to: o.to, schema_version: migrated.to, tables: Object.fromEntries(tables.map((t) => [t.table, { read: t.read, added: t.added }])), ms: Date.now() - started });
+      if (migrated.from !== migrated.to) out(`${o.to}: schema version ${migrated.from} -> ${migrated.to}`);
+      for (const t of tables) out(`${t.table.padEnd(13)} ${String(t.read).padStart(9)} read, ${String(t.added).padStart(9)} added${t.added < t.read ? ` (${t.read - t.added} already there)` : ''}`);
+      out(`copied ${sqlitePath(config)} to ${o.to} in ${((Date.now() - started) / 1000).toFixed(1)} s`);
     });
   program
     .command('stats')

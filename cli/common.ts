@@ -55,10 +55,24 @@ export function configOf(cmd: Command): Config {
   return loadConfig(locateConfig(opts.config));
 }
 
+/**
+ * The SQLite file of the configuration. The PostgreSQL backend so far holds a schema (`db migrate`) and copies
+ * (`db copy`); every other command, and the daemon, work on SQLite: say so rather than act on another store.
+ */
+export function sqlitePath(config: Config): string {
+  if (config.store.backend !== 'sqlite') {
+    throw new UsageError(
+      `[store] backend = "${config.store.backend}": this version of mfagate serves and manages a SQLite store only; ` +
+        `with PostgreSQL, "mfagate db migrate" and "mfagate db copy" work (docs/scaling.md)`,
+    );
+  }
+  return config.store.path;
+}
+
 export function withStore<T>(config: Config, fn: (store: Store) => T): T {
   // Never creates one: a command run against a wrong [store] path, or while the file system is not mounted,
   // must say so instead of working on a new empty store the daemon does not use.
-  const store = Store.open(config.store.path, { create: false, migrate: true });
+  const store = Store.open(sqlitePath(config), { create: false, migrate: true });
   try {
     return fn(store);
   } finally {
@@ -68,7 +82,7 @@ export function withStore<T>(config: Config, fn: (store: Store) => T): T {
 
 /** withStore for a command that awaits in between (a passcode's hash): the store closes when `fn` settles. */
 export async function withStoreAsync<T>(config: Config, fn: (store: Store) => Promise<T>): Promise<T> {
-  const store = Store.open(config.store.path, { create: false, migrate: true });
+  const store = Store.open(sqlitePath(config), { create: false, migrate: true });
   try {
     return await fn(store);
   } finally {

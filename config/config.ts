@@ -10,6 +10,7 @@ import type { UserNameRules } from '../policy/user.js';
 import { normaliseUser } from '../policy/user.js';
 import { DURATION_EXPECTED, parseDuration } from './duration.js';
 import { type Endpoint, LISTEN_EXPECTED, parseEndpoint } from './listen.js';
+import { type PgSettings, pgUrlProblem } from './postgresql.js';
 
 export const DEFAULT_PROTOCOLS = ['imap', 'pop3', 'smtp', 'submission', 'sieve'];
 export const DEFAULT_DOVECOT_MESSAGE =
@@ -30,7 +31,13 @@ export class ConfigError extends Error {
 export interface Config {
   /** The file the configuration came from, or undefined for the built-in defaults. */
   file: string | undefined;
-  store: { path: string };
+  store: {
+    backend: 'sqlite' | 'postgresql';
+    /** The SQLite file (backend "sqlite"). */
+    path: string;
+    /** How to reach the database (backend "postgresql"). */
+    postgresql: PgSettings | undefined;
+  };
   grants: { ttlMs: number; ipv4Prefix: number; ipv6Prefix: number; purgeAfterMs: number };
   networks: { trusted: string[]; untrusted: string[]; webmail: string[] };
   enforcement: {
@@ -123,7 +130,16 @@ const rfc3339 =
   /^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$/;
 
 const schema = z.strictObject({
-  store: z.strictObject({ path: z.string().min(1, { message: 'expected a file path' }).default('var/mfagate.db') }).prefault({}),
+  store: z
+    .strictObject({
+      backend: z.enum(['sqlite', 'postgresql']).default('sqlite'),
+      path: z.string().min(1, { message: 'expected a file path' }).default('var/mfagate.db'),
+      url: z.string().default(''),
+      password_file: z.string().default(''),
+      tls: z.enum(['disable', 'require', 'verify-full']).default('verify-full'),
+      ca_file: z.string().default(''),
+    })
+    .prefault({}),
   grants: z
     .strictObject({
       ttl: duration.default('14h'),
@@ -297,6 +313,23 @@ export function parseConfigText(text: string, file: string): Config {
   return fromRaw(result.data, file, path.dirname(file));
 }
 
+function storeOf(raw: RawConfig['store'], baseDir: string, problems: string[]): Config['store'] {
+  const file = (f: string) => (f === '' ? undefined : path.resolve(baseDir, f));
+  const pgKeys = (['url', 'password_file', 'ca_file'] as const).filter((k) => raw[k] !== '');
+  if (raw.backend === 'sqlite') {
+    if (pgKeys.length > 0) problems.push(`store.${pgKeys[0]}: only for backend = "postgresql" (backend is "sqlite")`);
+    return { backend: 'sqlite', path: path.resolve(baseDir, raw.path), postgresql: undefined };
+  }
+  const problem = raw.url === '' ? 'expected the database URL, e.g. "postgresql://mfagate@db1.example.ac.jp,db2.example.ac.jp/mfagate"' : pgUrlProblem(raw.url);
+  if (problem) problems.push(`store.url: ${problem}`);
+  if (raw.ca_file !== '' && raw.tls !== 'verify-full') problems.push('store.ca_file: only used with tls = "verify-full"');
+  return {
+    backend: 'postgresql',
+    path: path.resolve(baseDir, raw.path),
+    postgresql: { url: raw.url, passwordFile: file(raw.password_file), tls: raw.tls, caFile: file(raw.ca_file) },
+  };
+}
+
 function fromRaw(raw: RawConfig, file: string | undefined, baseDir: string): Config {
   const problems: string[] = [];
   const endpoints = (key: string, list: string[]): Endpoint[] =>
@@ -312,7 +345,7 @@ function fromRaw(raw: RawConfig, file: string | undefined, baseDir: string): Con
   const rf = raw.enforcement.required_from;
   const config: Config = {
     file,
-    store: { path: path.resolve(baseDir, raw.store.path) },
+    store: storeOf(raw.store, baseDir, problems),
     grants: {
       ttlMs: parseDuration(raw.grants.ttl) ?? 0,
       ipv4Prefix: raw.grants.ipv4_prefix,

@@ -1,0 +1,225 @@
+// The PostgreSQL schema and moving a SQLite store into it, against a real PostgreSQL 15 started here:
+//   - `mfagate db migrate` makes the same tables, columns and indexes as in SQLite, and is idempotent;
+//   - the change feed: written by triggers, ids committed in order (a second writer waits for the first's
+//     commit), a NOTIFY at each commit;
+//   - `mfagate db copy --to`: every row, ids kept, nothing twice on a second run, the same decisions after;
+//   - the configuration: a URL with a password is refused; the daemon and the other commands say what works.
+import fs from 'node:fs';
+import path from 'node:path';
+import t from 'tap';
+import { LiveCopy } from '../../store/live-copy.js';
+import { MIGRATIONS, SCHEMA_VERSION } from '../../store/migrations.js';
+import { type Sql, loadPgCopy, openPg } from '../../store/pg.js';
+import { Store } from '../../store/store.js';
+import { cli, tempDir } from '../helpers/daemon.js';
+import { type PgServer, startPostgres } from '../helpers/postgres.js';
+
+const HOUR = 3_600_000;
+const dir = tempDir('mfagate-pgtest-');
+let pg: PgServer;
+let sql: Sql;
+t.before(async () => {
+  pg = await startPostgres();
+  sql = openPg({ url: pg.url, passwordFile: pg.passwordFile, tls: 'disable', caFile: undefined });
+});
+t.teardown(async () => {
+  await sql?.end({ timeout: 5 });
+  pg?.destroy();
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+const pgConfig = (extra = '') => {
+  const file = path.join(dir, `pg-${Math.random().toString(36).slice(2)}.toml`);
+  fs.writeFileSync(file, `[store]\nbackend = "postgresql"\nurl = "${pg.url}"\npassword_file = "${pg.passwordFile}"\ntls = "disable"\n${extra}`);
+  return file;
+};
+
+t.test('db migrate creates the schema, then says it is up to date', async (t) => {
+  const config = pgConfig();
+  const first = cli(['--config', config, 'db', 'migrate']);
+  t.equal(first.code, 0, first.stderr);
+  t.match(first.stdout, new RegExp(`mfagate@127\\.0\\.0\\.1:${pg.port}/mfagate: created, schema version ${SCHEMA_VERSION}`));
+  const again = cli(['--config', config, 'db', 'migrate']);
+  t.equal(again.code, 0, again.stderr);
+  t.match(again.stdout, `schema version ${SCHEMA_VERSION}, up to date`);
+  t.equal(pg.psql('SELECT version FROM mfagate_schema', 'mfagate').trim(), String(SCHEMA_VERSION));
+  t.equal(pg.psql("SELECT tableowner FROM pg_tables WHERE tablename = 'grants'", 'mfagate').trim(), 'mfagate', 'owned by the role mfagate connects as');
+});
+
+t.test('the same tables, columns and indexes as a SQLite store at the same version', async (t) => {
+  const s = Store.open(path.join(dir, 'schema.db'), { create: true });
+  t.teardown(() => s.close());
+  const sqliteTables = (s.db.prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name").pluck().all() as string[]);
+  const pgTables = (await sql`SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'mfagate_schema' ORDER BY tablename`).map((r) => r['tablename'] as string);
+  t.same(pgTables, sqliteTables);
+  for (const table of sqliteTables) {
+    const sc = (s.db.prepare('SELECT name FROM pragma_table_info(?) ORDER BY name').pluck().all(table) as string[]);
+    const pc = (await sql`SELECT column_name FROM information_schema.columns WHERE table_name = ${table} ORDER BY column_name`).map((r) => r['column_name'] as string);
+    t.same(pc, sc, `${table}: the same columns`);
+  }
+  const si = (s.db.prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_%' ORDER BY name").pluck().all() as string[]);
+  const pi = (await sql`SELECT indexname FROM pg_indexes WHERE schemaname = 'public' AND indexname NOT LIKE '%_pkey' AND indexname NOT LIKE '%_key' ORDER BY indexname`).map((r) => r['indexname'] as string);
+  t.same(pi, si, 'the same indexes');
+  const st = (s.db.prepare("SELECT name FROM sqlite_master WHERE type = 'trigger' ORDER BY name").pluck().all() as string[]);
+  const pt = (await sql`SELECT DISTINCT trigger_name FROM information_schema.triggers ORDER BY trigger_name`).map((r) => r['trigger_name'] as string);
+  t.same(pt, st, 'the same triggers feed the change feed');
+  t.equal(MIGRATIONS.filter((m) => m.postgresql.trim() === '').length, 0, 'every migration has its PostgreSQL text');
+});
+
+t.test('the change feed: triggers write it, commits are in id order, each commit notifies', async (t) => {
+  const heard: string[] = [];
+  const listener = await sql.listen('mfagate_changes', (payload) => heard.push(payload));
+  t.teardown(() => listener.unlisten());
+  const [{ id: before } = { id: 0 }] = await sql`SELECT coalesce(max(id), 0) AS id FROM changes`;
+  await sql`INSERT INTO users (name, mfa_enabled, created_at, updated_at) VALUES ('feed-a', 1, 1, 1)`;
+  await sql`INSERT INTO users (name, created_at, updated_at) VALUES ('feed-plain', 1, 1)`;
+  await sql`UPDATE users SET updated_at = 2 WHERE name = 'feed-a'`;
+  const rows = await sql`SELECT "user" FROM changes WHERE id > ${before as number} ORDER BY id`;
+  t.same(rows.map((r) => r['user']), ['feed-a'], 'a flagged user is a change; a plain one, or a column decisions do not read, is not');
+
+  // Two writers: the second one's change waits for the first to commit, so its id is the later one.
+  let firstId = 0;
+  let secondDone = false;
+  let release!: () => void;
+  const held = new Promise<void>((r) => (release = r));
+  const first = sql.begin(async (tx) => {
+    const [g] = await tx`INSERT INTO grants ("user", block, ip, created_at, expires_at, method, source) VALUES ('feed-a', '203.0.113.1', '203.0.113.1', 1, ${Date.now() + HOUR}, 'totp', 'api') RETURNING id`;
+    t.ok(g);
+    const [c] = await tx`SELECT max(id) AS id FROM changes`;
+    firstId = c?.['id'] as number;
+    await held;
+  });
+  await new Promise((r) => setTimeout(r, 200));
+  const second = sql`INSERT INTO grants ("user", block, ip, created_at, expires_at, method, source) VALUES ('feed-b', '203.0.113.2', '203.0.113.2', 1, ${Date.now() + HOUR}, 'totp', 'api')`.then(() => (secondDone = true));
+  await new Promise((r) => setTimeout(r, 500));
+  t.equal(secondDone, false, 'the second writer waits while the first holds its change uncommitted');
+  release();
+  await first;
+  await second;
+  const [last] = await sql`SELECT id, "user" FROM changes ORDER BY id DESC LIMIT 1`;
+  t.same(last, { id: firstId + 1, user: 'feed-b' }, 'and its change takes the next id');
+  for (let i = 0; i < 50 && heard.length < 4; i++) await new Promise((r) => setTimeout(r, 20));
+  t.ok(heard.length >= 3, `a notification for each committing writer (${heard.length})`);
+});
+
+/** A SQLite store with something in every table. */
+function filledStore(file: string, now: number): Store {
+  const s = Store.open(file, { create: true });
+  for (let i = 0; i < 40; i++) {
+    const user = `user${i}`;
+    s.addGrant({ user, ip: `203.0.113.${i}`, block: `203.0.113.${i}`, ttlMs: (i % 3) * HOUR, method: 'totp', source: 'api', reason: '', actor: 'test', now });
+    if (i % 2 === 0) s.setUserFlag(user, 'mfa_enabled', true, 'test', now);
+    if (i % 7 === 0) s.setUserFlag(user, 'exempt', true, 'test', now);
+    if (i % 5 === 0) s.revokeGrants({ user }, 'helpdesk', 'lost phone', now);
+  }
+  s.addGrant({ user: 'user1', ip: '2001:db8:1:2::9', block: '2001:db8:1:2::/64', ttlMs: 10 * HOUR, method: 'email', source: 'web', reason: '', actor: 'test', now });
+  s.recordLogins([{ user: 'user3', ip: '198.51.100.1', protocol: 'imap', success: true, policyReject: false, at: now }]);
+  s.db.transaction(() => {
+    s.mfa.updateFactors('user2', { totp_secret: Buffer.from([1, 2, 3, 0, 255]), totp_confirmed_at: now, email: 'u2@example.net', email_verified_at: now }, now);
+    s.mfa.addCode('user2', 'login', 'u2@example.net', 'hash-of-code', '203.0.113.2', now, now + 600_000);
+    s.mfa.replaceBackupCodes('user2', ['b1', 'b2', 'b3'], now);
+    s.mfa.addFailure('user4', '203.0.113.4', '203.0.113.4', 'totp', now);
+    s.passcodes.insert({ user: 'user2', name: 'phone', selector: 'abcde', salt: Buffer.alloc(16, 7), hash: Buffer.alloc(32, 9), kdf: 'scrypt:n=4096,r=8,p=1', protocols: ['imap', 'smtp'], createdBy: 'web', expiresAt: null, now });
+  }).immediate();
+  return s;
+}
+
+const BYTEA = (v: unknown) => (Buffer.isBuffer(v) ? `\\x${v.toString('hex')}` : v);
+
+t.test('db copy: every row of a filled store, ids kept, nothing twice, the same decisions after', async (t) => {
+  const now = Date.now();
+  const file = path.join(dir, 'filled.db');
+  const s = filledStore(file, now);
+  t.teardown(() => s.close());
+  const config = path.join(dir, 'sqlite.toml');
+  fs.writeFileSync(config, `[store]\npath = "${file}"\n`);
+  // A database of its own, empty: db copy creates the schema.
+  pg.psql('CREATE DATABASE copied OWNER mfagate;');
+  const to = pg.url.replace(/\/mfagate$/, '/copied');
+  const first = cli(['--config', config, 'db', 'copy', '--to', to, '--password-file', pg.passwordFile, '--tls', 'disable', '--json']);
+  t.equal(first.code, 0, first.stderr);
+  const report = JSON.parse(first.stdout) as { schema_version: number; tables: Record<string, { read: number; added: number }> };
+  t.equal(report.schema_version, SCHEMA_VERSION);
+  const target = openPg({ url: to, passwordFile: pg.passwordFile, tls: 'disable', caFile: undefined });
+  t.teardown(() => target.end({ timeout: 5 }));
+  for (const [table, { read, added }] of Object.entries(report.tables)) {
+    const count = (s.db.prepare(`SELECT count(*) FROM ${table}`).pluck().get() as number);
+    t.same({ read, added }, { read: count, added: count }, `${table}: all ${count} rows`);
+    t.ok(count > 0, `${table}: the store had rows to copy`);
+    // Row for row, column for column.
+    const cols = (s.db.prepare('SELECT name FROM pragma_table_info(?) ORDER BY cid').pluck().all(table) as string[]);
+    const order = cols.map((c) => `"${c}"`).join(', ');
+    const mine = (s.db.prepare(`SELECT * FROM ${table} ORDER BY ${order}`).all() as Record<string, unknown>[]).map((r) => cols.map((c) => BYTEA(r[c])));
+    const theirs = (await target.unsafe(`SELECT * FROM ${table} ORDER BY ${order}`)).map((r) => cols.map((c) => BYTEA(r[c])));
+    t.same(theirs, mine, `${table}: the same rows`);
+  }
+  t.notOk('changes' in report.tables || 'daemon_stats' in report.tables, 'the change feed and the statistics are not copied');
+
+  const second = cli(['--config', config, 'db', 'copy', '--to', to, '--password-file', pg.passwordFile, '--tls', 'disable']);
+  t.equal(second.code, 0, second.stderr);
+  t.match(second.stdout, /grants\s+\d+ read,\s+0 added \(\d+ already there\)/, 'run twice, nothing is added');
+  t.equal(Number(pg.psql('SELECT count(*) FROM grants', 'copied')), s.db.prepare('SELECT count(*) FROM grants').pluck().get(), 'nor duplicated');
+
+  // A grant made in PostgreSQL after the copy takes a new id, not one the copy brought.
+  const [maxId] = await target`SELECT max(id) AS id FROM grants`;
+  const [fresh] = await target`INSERT INTO grants ("user", block, ip, created_at, expires_at, method, source) VALUES ('user9', '192.0.2.1', '192.0.2.1', ${now}, ${now + HOUR}, 'totp', 'api') RETURNING id`;
+  t.ok((fresh?.['id'] as number) > (maxId?.['id'] as number), 'ids go on after the copied ones');
+  await target`DELETE FROM grants WHERE id = ${fresh?.['id'] as number}`;
+
+  // The decisions: a node's copy loaded from PostgreSQL answers every (user, block) as the SQLite store does.
+  const copy = new LiveCopy();
+  await loadPgCopy(target, copy, now);
+  const blocks = ['2001:db8:1:2::/64', '198.51.100.1', ...Array.from({ length: 40 }, (_, i) => `203.0.113.${i}`)];
+  let differ = 0;
+  let granted = 0;
+  for (let i = 0; i < 42; i++) {
+    for (const b of blocks) {
+      const a = copy.lookup(`user${i}`, b, now + 1);
+      const e = s.lookup(`user${i}`, b, now + 1);
+      const flags = (u: typeof a.user) => (u && (u.mfaEnabled || u.exempt) ? u : undefined);
+      if (JSON.stringify([flags(a.user), a.grant]) !== JSON.stringify([flags(e.user), e.grant])) differ++;
+      if (a.grant) granted++;
+    }
+  }
+  t.equal(differ, 0, 'no (user, block) decides differently');
+  t.ok(granted >= 20, `grants answered from PostgreSQL (${granted})`);
+});
+
+t.test('the configuration and the commands that do not use PostgreSQL yet', async (t) => {
+  const withPassword = pgConfig().replace(/$/, '');
+  fs.writeFileSync(withPassword, fs.readFileSync(withPassword, 'utf8').replace('postgresql://mfagate@', 'postgresql://mfagate:secret@'));
+  const r = cli(['--config', withPassword, 'config', 'check']);
+  t.equal(r.code, 2);
+  t.match(r.stderr, /store\.url: the URL holds a password: put it in password_file/);
+  t.notMatch(r.stderr + r.stdout, 'secret', 'and does not repeat it');
+  const copyArg = cli(['db', 'copy', '--to', 'postgresql://mfagate:hunter2@127.0.0.1/mfagate']);
+  t.equal(copyArg.code, 2);
+  t.match(copyArg.stderr, /--to: the URL holds a password/);
+
+  const bad = path.join(dir, 'bad.toml');
+  fs.writeFileSync(bad, '[store]\nbackend = "postgresql"\n');
+  t.match(cli(['--config', bad, 'config', 'check']).stderr, /store\.url: expected the database URL/);
+  fs.writeFileSync(bad, `[store]\nurl = "${pg.url}"\n`);
+  t.match(cli(['--config', bad, 'config', 'check']).stderr, /store\.url: only for backend = "postgresql"/);
+
+  const config = pgConfig();
+  const check = cli(['--config', config, 'config', 'check']);
+  t.equal(check.code, 0, check.stderr);
+  t.match(check.stdout, `store:            PostgreSQL ${pg.url} (tls disable, password in ${pg.passwordFile})`);
+  const list = cli(['--config', config, 'grants', 'list']);
+  t.equal(list.code, 2);
+  t.match(list.stderr, /backend = "postgresql": this version of mfagate serves and manages a SQLite store only/);
+  const serve = cli(['--config', config, 'serve']);
+  t.equal(serve.code, 2);
+  t.match(serve.stderr, /cannot start: \[store\] backend = "postgresql": this version of mfagate serves from a SQLite store only/);
+});
+
+t.test('a database that cannot be reached: db migrate says which and why, and exits 1', async (t) => {
+  const file = path.join(dir, 'unreachable.toml');
+  fs.writeFileSync(file, `[store]\nbackend = "postgresql"\nurl = "postgresql://mfagate@127.0.0.1:1/mfagate"\ntls = "disable"\n`);
+  const r = cli(['--config', file, 'db', 'migrate']);
+  t.equal(r.code, 1);
+  t.match(r.stderr, /PostgreSQL at postgresql:\/\/mfagate@127\.0\.0\.1:1\/mfagate: .*(ECONNREFUSED|connect)/);
+  // An unused SQLite file is never made for a PostgreSQL configuration.
+  t.notOk(fs.existsSync(path.join(dir, 'var')), 'no SQLite file appeared');
+});
