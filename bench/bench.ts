@@ -158,9 +158,12 @@ async function main(): Promise<void> {
   const expectedAllow = mix.filter((r) => r.allow).length / mix.length;
   const postfixPayloads = mix.map((r, n) => postfixRequest(r, n));
 
+  /** How each daemon started: from spawning to listening, and the in-memory copy's load (its `started` line). */
+  const starts: { endpoint: string; readyMs: number; copy: { load_ms: number; flagged_users: number; grants: number } | undefined }[] = [];
   const startDaemon = async (tag: string) => {
     const logFile = path.join(dir, `decisions-${tag}.log`);
     const fd = fs.openSync(LOG_TO === 'file' ? logFile : '/dev/null', 'w');
+    const spawned = performance.now();
     try {
       const d = await start(
         [...DAEMON_NODE_ARGS, CLI, '--config', configFile, 'serve'],
@@ -168,6 +171,13 @@ async function main(): Promise<void> {
         /dovecot auth policy\s+127\.0\.0\.1:(\d+)\n[\s\S]*store\s/,
         'mfagate serve',
       );
+      const readyMs = performance.now() - spawned;
+      let copy;
+      if (LOG_TO === 'file') {
+        const line = fs.readFileSync(logFile, 'utf8').split('\n').find((l) => l.includes('"event":"started"'));
+        copy = line ? (JSON.parse(line) as { copy?: { load_ms: number; flagged_users: number; grants: number } }).copy : undefined;
+      }
+      starts.push({ endpoint: tag, readyMs, copy });
       return { d, port: Number(d.match[1]), logFile };
     } finally {
       fs.closeSync(fd);
@@ -252,6 +262,12 @@ async function main(): Promise<void> {
       `${endpoint}: ${(ratio * 100).toFixed(0)} % of the floor's throughput (aim 50 %: ${ratio >= 0.5 ? 'met' : 'MISSED'}); ` +
         `p99 ${ms(o.p99)} ms saturated (floor ${ms(f.p99)} ms; aim 2 ms: ${o.p99 < 2 ? 'met' : 'MISSED'}), ` +
         `${ms(figures(paced.run).p99)} ms at ${int(PACED_RATE)} req/s`,
+    );
+  }
+  for (const st of starts) {
+    summary.push(
+      `${st.endpoint} daemon: listening ${(st.readyMs / 1000).toFixed(2)} s after it was started (aim 5 s: ${st.readyMs < 5000 ? 'met' : 'MISSED'})` +
+        (st.copy ? `, of which loading the in-memory copy (${int(st.copy.flagged_users)} users with a flag, ${int(st.copy.grants)} active grants) took ${(st.copy.load_ms / 1000).toFixed(2)} s` : ''),
     );
   }
   out('');

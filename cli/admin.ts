@@ -18,7 +18,7 @@ export function adminCommands(program: Command): void {
     .action((_o, cmd: Command) => {
       const config = configOf(cmd);
       out(`${config.file ?? '(no file: built-in defaults)'}: OK`);
-      out(`store:            ${config.store.backend === 'sqlite' ? config.store.path : `PostgreSQL ${config.store.postgresql?.url} (tls ${config.store.postgresql?.tls}${config.store.postgresql?.passwordFile ? `, password in ${config.store.postgresql.passwordFile}` : ', no password file'})`}`);
+      out(`store:            ${config.store.backend === 'sqlite' ? config.store.path : `PostgreSQL ${config.store.url} (tls ${config.store.tls}${config.store.passwordFile ? `, password in ${config.store.passwordFile}` : ', no password file'})`}`);
       out(`dovecot listen:   ${config.dovecot.listen.map(formatEndpoint).join(', ')}${config.dovecot.apiKey ? ' (API key required)' : ' (no API key)'}`);
       out(`postfix listen:   ${config.postfix.listen.map(formatEndpoint).join(', ')}`);
       out(`enforcement:      ${config.enforcement.mode}; protocols ${config.enforcement.protocols.join(', ')}`);
@@ -40,8 +40,8 @@ export function adminCommands(program: Command): void {
     .description('create the store or bring its schema up to date (the SQLite file, or the PostgreSQL database)')
     .action(async (_o, cmd: Command) => {
       const config = configOf(cmd);
-      const pg = config.store.postgresql;
-      if (config.store.backend === 'postgresql' && pg) {
+      const pg = config.store;
+      if (pg.backend === 'postgresql') {
         const { from, to } = await withPg(pg, migratePg);
         out(from === to ? `${pg.url}: schema version ${to}, up to date` : from === 0 ? `${pg.url}: created, schema version ${to}` : `${pg.url}: migrated from schema version ${from} to ${to}`);
         return;
@@ -51,7 +51,7 @@ export function adminCommands(program: Command): void {
       else out(from === to ? `${config.store.path}: schema version ${to}, up to date` : `${config.store.path}: migrated from schema version ${from} to ${to}`);
     });
   db.command('copy')
-    .description('copy the SQLite store (users, factors, grants, passcodes, audit log) into a PostgreSQL database; run again, it adds only what is new')
+    .description('copy the SQLite store (users, factors, grants, passcodes, audit log) into a PostgreSQL database; run again, it writes only what changed')
     .requiredOption('--to <url>', 'postgresql://user@host[:port][,host2[:port]]/database (no password in it)')
     .option('--password-file <file>', "a file holding the database user's password")
     .option('--tls <mode>', 'disable | require | verify-full', 'verify-full')
@@ -71,9 +71,12 @@ export function adminCommands(program: Command): void {
           return { migrated, tables: await copyToPg(store, sql) };
         }),
       );
-      if (o.json) return json({ to: o.to, schema_version: migrated.to, tables: Object.fromEntries(tables.map((t) => [t.table, { read: t.read, added: t.added }])), ms: Date.now() - started });
+      if (o.json) return json({ to: o.to, schema_version: migrated.to, tables: Object.fromEntries(tables.map((t) => [t.table, { read: t.read, added: t.added, updated: t.updated }])), ms: Date.now() - started });
       if (migrated.from !== migrated.to) out(`${o.to}: schema version ${migrated.from} -> ${migrated.to}`);
-      for (const t of tables) out(`${t.table.padEnd(13)} ${String(t.read).padStart(9)} read, ${String(t.added).padStart(9)} added${t.added < t.read ? ` (${t.read - t.added} already there)` : ''}`);
+      for (const t of tables) {
+        const same = t.read - t.added - t.updated;
+        out(`${t.table.padEnd(13)} ${String(t.read).padStart(9)} read, ${String(t.added).padStart(9)} added, ${String(t.updated).padStart(7)} updated${same > 0 ? ` (${same} already the same)` : ''}`);
+      }
       out(`copied ${sqlitePath(config)} to ${o.to} in ${((Date.now() - started) / 1000).toFixed(1)} s`);
     });
   program

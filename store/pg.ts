@@ -112,16 +112,20 @@ const COPIED: readonly { table: string; key: readonly string[]; identity: boolea
 export interface CopyReport {
   table: string;
   read: number;
-  /** Rows written; rows already there (a second run) are left as they are. */
+  /** Rows that were not in the database. */
   added: number;
+  /** Rows that were there with other values (changed in the SQLite store since an earlier copy). */
+  updated: number;
 }
 
 const quote = (c: string) => `"${c.replace(/"/g, '""')}"`;
 
 /**
  * Copies a SQLite store into a PostgreSQL database at the same schema version: every row of every table but
- * the daemon's statistics and the change feed (nodes load whole at start). Rows keep their ids; a row whose key
- * is already there is left alone, so a second run adds nothing. One transaction: all or nothing.
+ * the daemon's statistics and the change feed (nodes load whole at start). Rows keep their ids. A row whose key
+ * is already there is made to match the store when it differs (a grant revoked, a flag changed since the last
+ * copy: a second run must not leave a revoked grant working) and left alone when it does not, so a second run
+ * writes nothing twice. Rows only in the database are not touched. One transaction: all or nothing.
  */
 export async function copyToPg(store: Store, sql: Sql, batch = 1000): Promise<CopyReport[]> {
   const version = await pgSchemaVersion(sql);
@@ -134,8 +138,12 @@ export async function copyToPg(store: Store, sql: Sql, batch = 1000): Promise<Co
       const columns = (store.db.prepare(`SELECT name FROM pragma_table_info(?) ORDER BY cid`).pluck().all(table) as string[]);
       const cols = columns.map(quote).join(', ');
       const conflict = key.map(quote).join(', ');
+      const others = columns.filter((c) => !key.includes(c));
+      const update = others.map((c) => `${quote(c)} = EXCLUDED.${quote(c)}`).join(', ');
+      const differs = `(${others.map((c) => `t.${quote(c)}`).join(', ')}) IS DISTINCT FROM (${others.map((c) => `EXCLUDED.${quote(c)}`).join(', ')})`;
       let read = 0;
       let added = 0;
+      let updated = 0;
       let rows: Record<string, unknown>[] = [];
       const flush = async () => {
         if (rows.length === 0) return;
@@ -145,11 +153,16 @@ export async function copyToPg(store: Store, sql: Sql, batch = 1000): Promise<Co
           params.push(r[c] ?? null);
           return `$${params.length}`;
         }).join(', ')})`);
+        // Returned: the rows inserted (xmax 0) and the rows updated; a row that already matched is neither.
         const result = await tx.unsafe(
-          `INSERT INTO ${quote(table)} (${cols}) ${identity ? 'OVERRIDING SYSTEM VALUE ' : ''}VALUES ${tuples.join(', ')} ON CONFLICT (${conflict}) DO NOTHING`,
+          `INSERT INTO ${quote(table)} AS t (${cols}) ${identity ? 'OVERRIDING SYSTEM VALUE ' : ''}VALUES ${tuples.join(', ')} ` +
+            `ON CONFLICT (${conflict}) DO UPDATE SET ${update} WHERE ${differs} RETURNING (t.xmax = 0) AS inserted`,
           params as never[],
         );
-        added += result.count;
+        for (const r of result) {
+          if (r['inserted']) added++;
+          else updated++;
+        }
         rows = [];
       };
       for (const r of store.db.prepare(`SELECT * FROM ${quote(table)} ORDER BY ${conflict}`).iterate() as IterableIterator<Record<string, unknown>>) {
@@ -162,7 +175,7 @@ export async function copyToPg(store: Store, sql: Sql, batch = 1000): Promise<Co
         // New rows made in PostgreSQL must not take ids the copy brought.
         await tx.unsafe(`SELECT setval(pg_get_serial_sequence('${table}', 'id'), greatest((SELECT max(id) FROM ${quote(table)}), 1))`);
       }
-      reports.push({ table, read, added });
+      reports.push({ table, read, added, updated });
     }
     return reports;
   }) as Promise<CopyReport[]>;

@@ -138,13 +138,13 @@ t.test('db copy: every row of a filled store, ids kept, nothing twice, the same 
   const to = pg.url.replace(/\/mfagate$/, '/copied');
   const first = cli(['--config', config, 'db', 'copy', '--to', to, '--password-file', pg.passwordFile, '--tls', 'disable', '--json']);
   t.equal(first.code, 0, first.stderr);
-  const report = JSON.parse(first.stdout) as { schema_version: number; tables: Record<string, { read: number; added: number }> };
+  const report = JSON.parse(first.stdout) as { schema_version: number; tables: Record<string, { read: number; added: number; updated: number }> };
   t.equal(report.schema_version, SCHEMA_VERSION);
   const target = openPg({ url: to, passwordFile: pg.passwordFile, tls: 'disable', caFile: undefined });
   t.teardown(() => target.end({ timeout: 5 }));
-  for (const [table, { read, added }] of Object.entries(report.tables)) {
+  for (const [table, { read, added, updated }] of Object.entries(report.tables)) {
     const count = (s.db.prepare(`SELECT count(*) FROM ${table}`).pluck().get() as number);
-    t.same({ read, added }, { read: count, added: count }, `${table}: all ${count} rows`);
+    t.same({ read, added, updated }, { read: count, added: count, updated: 0 }, `${table}: all ${count} rows`);
     t.ok(count > 0, `${table}: the store had rows to copy`);
     // Row for row, column for column.
     const cols = (s.db.prepare('SELECT name FROM pragma_table_info(?) ORDER BY cid').pluck().all(table) as string[]);
@@ -157,8 +157,21 @@ t.test('db copy: every row of a filled store, ids kept, nothing twice, the same 
 
   const second = cli(['--config', config, 'db', 'copy', '--to', to, '--password-file', pg.passwordFile, '--tls', 'disable']);
   t.equal(second.code, 0, second.stderr);
-  t.match(second.stdout, /grants\s+\d+ read,\s+0 added \(\d+ already there\)/, 'run twice, nothing is added');
+  t.match(second.stdout, /grants\s+(\d+) read,\s+0 added,\s+0 updated \(\1 already the same\)/, 'run twice, nothing is written');
   t.equal(Number(pg.psql('SELECT count(*) FROM grants', 'copied')), s.db.prepare('SELECT count(*) FROM grants').pluck().get(), 'nor duplicated');
+
+  // Changed in SQLite after a copy (a revoke, a new grant): the next run carries the change, not only new rows.
+  const live = s.listGrants({ user: 'user1', now }).find((g) => g.block === '2001:db8:1:2::/64');
+  t.ok(live, 'user1 has a grant to revoke');
+  s.revokeGrants({ id: live?.id }, 'helpdesk', 'lost phone', now);
+  s.addGrant({ user: 'user8', ip: '192.0.2.8', block: '192.0.2.8', ttlMs: HOUR, method: 'totp', source: 'api', reason: '', actor: 'test', now });
+  const third = cli(['--config', config, 'db', 'copy', '--to', to, '--password-file', pg.passwordFile, '--tls', 'disable', '--json']);
+  t.equal(third.code, 0, third.stderr);
+  const changed = (JSON.parse(third.stdout) as typeof report).tables;
+  t.match(changed['grants'], { added: 1, updated: 1 }, 'the new grant added, the revoked one updated');
+  t.match(changed['users'], { added: 0, updated: 0 });
+  const [revoked] = await target`SELECT revoked_by, revoke_reason FROM grants WHERE id = ${live?.id ?? 0}`;
+  t.same(revoked, { revoked_by: 'helpdesk', revoke_reason: 'lost phone' }, 'the revoke reached PostgreSQL');
 
   // A grant made in PostgreSQL after the copy takes a new id, not one the copy brought.
   const [maxId] = await target`SELECT max(id) AS id FROM grants`;
