@@ -45,13 +45,37 @@ export class LiveCopy implements Facts {
     return { user: FLAG_FACTS[bits], grant: g !== undefined && g.expiresAt > now ? g : undefined };
   }
 
-  /** Replaces the whole copy (start, or after a gap in the feed). */
-  replaceAll(users: Iterable<[string, UserFacts]>, grants: Iterable<{ user: string; block: string } & GrantFacts>, lastChange: number, now: number): void {
+  /**
+   * Replaces the whole copy (start, or after a gap in the feed). Rows as the store reads them, raw (a million
+   * grants load in a second or so: no object per row but the one kept): users [name, mfa_enabled, exempt] with
+   * 0/1 flags, grants [user, block, id, expires_at], best sorted by user.
+   */
+  replaceAll(users: Iterable<readonly unknown[]>, grants: Iterable<readonly unknown[]>, lastChange: number, now: number): void {
     this.flags = new Map();
     this.grants = new Map();
     this.grantCount = 0;
-    for (const [name, f] of users) this.setFlags(name, f);
-    for (const g of grants) this.addGrant(g.user, g.block, { id: g.id, expiresAt: g.expiresAt });
+    for (const u of users) {
+      const bits = (u[1] === 1 ? MFA : 0) | (u[2] === 1 ? EXEMPT : 0);
+      if (bits !== 0) this.flags.set(u[0] as string, bits);
+    }
+    let lastUser: string | undefined;
+    let blocks: Map<string, GrantFacts> | undefined;
+    for (const g of grants) {
+      const user = g[0] as string;
+      if (user !== lastUser || blocks === undefined) {
+        lastUser = user;
+        blocks = this.grants.get(user);
+        if (!blocks) {
+          blocks = new Map();
+          this.grants.set(user, blocks);
+        }
+      }
+      const block = g[1] as string;
+      const expiresAt = g[3] as number;
+      const held = blocks.get(block);
+      if (held === undefined) this.grantCount++;
+      if (held === undefined || expiresAt > held.expiresAt) blocks.set(block, { id: g[2] as number, expiresAt });
+    }
     this.lastChange = lastChange;
     this.currentAt = now;
   }

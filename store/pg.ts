@@ -189,12 +189,7 @@ export async function loadPgCopy(sql: Sql, copy: LiveCopy, now: number): Promise
   await sql.begin('ISOLATION LEVEL REPEATABLE READ READ ONLY', async (tx) => {
     const [latest] = await tx`SELECT coalesce(max(id), 0) AS id FROM changes`;
     const users = await tx`SELECT name, mfa_enabled, exempt FROM users WHERE mfa_enabled = 1 OR exempt = 1`.values();
-    const grants = await tx`SELECT "user", block, id, expires_at FROM grants WHERE revoked_at IS NULL AND expires_at > ${now}`.values();
-    copy.replaceAll(
-      users.map((r) => [r[0] as string, { mfaEnabled: r[1] === 1, exempt: r[2] === 1 }] as [string, { mfaEnabled: boolean; exempt: boolean }]),
-      grants.map((r) => ({ user: r[0] as string, block: r[1] as string, id: r[2] as number, expiresAt: r[3] as number })),
-      (latest?.['id'] as number | undefined) ?? 0,
-      now,
-    );
+    const grants = await tx`SELECT "user", block, id, expires_at FROM grants WHERE revoked_at IS NULL AND expires_at > ${now} ORDER BY "user"`.values();
+    copy.replaceAll(users, grants, (latest?.['id'] as number | undefined) ?? 0, now);
   });
 }

@@ -297,15 +297,8 @@ export class Store implements Facts {
     this.db
       .transaction(() => {
         const latest = this.latestChange();
-        const users = (this.st.flaggedUsers.raw().iterate() as IterableIterator<[string, number, number]>);
-        const flagged = (function* () {
-          for (const [name, mfa, exempt] of users) yield [name, { mfaEnabled: mfa === 1, exempt: exempt === 1 }] as [string, { mfaEnabled: boolean; exempt: boolean }];
-        })();
-        const rows = this.st.activeGrants.raw().iterate(now) as IterableIterator<[string, string, number, number]>;
-        const grants = (function* () {
-          for (const [user, block, id, expiresAt] of rows) yield { user, block, id, expiresAt };
-        })();
-        copy.replaceAll(flagged, grants, latest, now);
+        const users = this.st.flaggedUsers.iterate() as IterableIterator<unknown[]>;
+        copy.replaceAll(users, this.st.activeGrants.iterate(now) as IterableIterator<unknown[]>, latest, now);
       })
       .deferred();
   }
@@ -639,8 +632,10 @@ function prepareStatements(db: Database.Database) {
     changesSince: db.prepare('SELECT id, user FROM changes WHERE id > ? ORDER BY id LIMIT ?'),
     userFlags: db.prepare('SELECT mfa_enabled, exempt FROM users WHERE name = ?'),
     userGrants: db.prepare('SELECT block, id, expires_at FROM grants WHERE user = ? AND revoked_at IS NULL'),
-    flaggedUsers: db.prepare('SELECT name, mfa_enabled, exempt FROM users WHERE mfa_enabled = 1 OR exempt = 1'),
-    activeGrants: db.prepare('SELECT user, block, id, expires_at FROM grants WHERE revoked_at IS NULL AND expires_at > ?'),
+    flaggedUsers: db.prepare('SELECT name, mfa_enabled, exempt FROM users WHERE mfa_enabled = 1 OR exempt = 1').raw(),
+    // The partial index of active grants holds every column asked for (id is its rowid), in user order: one
+    // sequential read. Left to itself SQLite takes the expiry index and visits each row, three times slower.
+    activeGrants: db.prepare('SELECT user, block, id, expires_at FROM grants INDEXED BY grants_active WHERE revoked_at IS NULL AND expires_at > ?').raw(),
     purgeChanges: db.prepare('DELETE FROM changes WHERE at <= ?'),
     statsRead: db.prepare('SELECT * FROM daemon_stats WHERE id = 1'),
     statsStart: db.prepare(
