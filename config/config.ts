@@ -31,13 +31,8 @@ export class ConfigError extends Error {
 export interface Config {
   /** The file the configuration came from, or undefined for the built-in defaults. */
   file: string | undefined;
-  store: {
-    backend: 'sqlite' | 'postgresql';
-    /** The SQLite file (backend "sqlite"). */
-    path: string;
-    /** How to reach the database (backend "postgresql"). */
-    postgresql: PgSettings | undefined;
-  };
+  /** The SQLite file (backend "sqlite"), or how to reach the database (backend "postgresql": the PgSettings part). */
+  store: { backend: 'sqlite' | 'postgresql'; path: string } & PgSettings;
   grants: { ttlMs: number; ipv4Prefix: number; ipv6Prefix: number; purgeAfterMs: number };
   networks: { trusted: string[]; untrusted: string[]; webmail: string[] };
   enforcement: {
@@ -318,15 +313,18 @@ function storeOf(raw: RawConfig['store'], baseDir: string, problems: string[]): 
   const pgKeys = (['url', 'password_file', 'ca_file'] as const).filter((k) => raw[k] !== '');
   if (raw.backend === 'sqlite') {
     if (pgKeys.length > 0) problems.push(`store.${pgKeys[0]}: only for backend = "postgresql" (backend is "sqlite")`);
-    return { backend: 'sqlite', path: path.resolve(baseDir, raw.path), postgresql: undefined };
+  } else {
+    const problem = raw.url === '' ? 'expected the database URL, e.g. "postgresql://mfagate@db1.example.ac.jp,db2.example.ac.jp/mfagate"' : pgUrlProblem(raw.url);
+    if (problem) problems.push(`store.url: ${problem}`);
+    if (raw.ca_file !== '' && raw.tls !== 'verify-full') problems.push('store.ca_file: only used with tls = "verify-full"');
   }
-  const problem = raw.url === '' ? 'expected the database URL, e.g. "postgresql://mfagate@db1.example.ac.jp,db2.example.ac.jp/mfagate"' : pgUrlProblem(raw.url);
-  if (problem) problems.push(`store.url: ${problem}`);
-  if (raw.ca_file !== '' && raw.tls !== 'verify-full') problems.push('store.ca_file: only used with tls = "verify-full"');
   return {
-    backend: 'postgresql',
+    backend: raw.backend,
     path: path.resolve(baseDir, raw.path),
-    postgresql: { url: raw.url, passwordFile: file(raw.password_file), tls: raw.tls, caFile: file(raw.ca_file) },
+    url: raw.url,
+    passwordFile: file(raw.password_file),
+    tls: raw.tls,
+    caFile: file(raw.ca_file),
   };
 }
 
