@@ -315,6 +315,12 @@ export const MIGRATIONS: readonly Migration[] = [
         user TEXT NOT NULL
       );
       CREATE INDEX changes_at ON changes (at);
+      -- Every change up to this id has been purged: a copy that has not seen that far must load whole.
+      CREATE TABLE changes_purged (
+        id   INTEGER PRIMARY KEY CHECK (id = 1),
+        upto INTEGER NOT NULL
+      );
+      INSERT INTO changes_purged (id, upto) VALUES (1, 0);
 
       CREATE TRIGGER users_flag_insert AFTER INSERT ON users WHEN NEW.mfa_enabled = 1 OR NEW.exempt = 1
       BEGIN INSERT INTO changes (at, user) VALUES (CAST(unixepoch('subsec') * 1000 AS INTEGER), NEW.name); END;
@@ -348,6 +354,11 @@ export const MIGRATIONS: readonly Migration[] = [
         "user" TEXT NOT NULL
       );
       CREATE INDEX changes_at ON changes (at);
+      CREATE TABLE changes_purged (
+        id   BIGINT PRIMARY KEY CHECK (id = 1),
+        upto BIGINT NOT NULL
+      );
+      INSERT INTO changes_purged (id, upto) VALUES (1, 0);
 
       -- Sequences hand out ids in the order transactions ask, not the order they commit: a reader could see
       -- id 7 before id 6 commits and never look back. So a transaction takes one lock before it writes its

@@ -1,99 +1,64 @@
-// PostgreSQL: the connection (postgres.js), the schema's migrations, and copying a SQLite store in.
-//
-// postgres.js rather than node-postgres: it speaks libpq's multi-host form with target_session_attrs (the
-// failover to a promoted standby the store needs) and LISTEN with reconnection, in plain JavaScript with its
-// own types and no dependencies; node-postgres has neither multi-host nor target_session_attrs.
-import fs from 'node:fs';
-import postgres from 'postgres';
-import { type PgSettings, pgUrlProblem } from '../config/postgresql.js';
+// PostgreSQL: opening it (store/pg-client.ts), the schema's migrations, copying a SQLite store in, and
+// loading a node's in-memory copy.
+import { type PgSettings } from '../config/postgresql.js';
 import { MIGRATIONS, SCHEMA_VERSION } from './migrations.js';
+import { PgDb, type Queryable } from './pg-client.js';
 import { StoreError } from './sqlite-file.js';
 import type { LiveCopy } from './live-copy.js';
 import type { Store } from './store.js';
 
-export type Sql = postgres.Sql<Record<string, never>>;
+export { PgDb } from './pg-client.js';
 
-/** A short form of the URL for messages (it holds no password: pgUrlProblem refused those). */
-export const describePg = (s: PgSettings) => s.url;
-
-function readPassword(file: string): string {
-  let text: string;
-  try {
-    text = fs.readFileSync(file, 'utf8');
-  } catch (e) {
-    throw new StoreError(`cannot read the database password file ${file}: ${(e as Error).message}`);
-  }
-  const line = text.split(/\r?\n/)[0] ?? '';
-  if (line === '') throw new StoreError(`the database password file ${file} is empty`);
-  return line;
+/** Opens the database. Nothing connects until the first query. */
+export function openPg(s: PgSettings, opts: { max?: number; applicationName?: string; queryTimeoutMs?: number } = {}): PgDb {
+  return new PgDb(s, opts);
 }
 
-/** Opens a pool. Nothing connects until the first query. */
-export function openPg(s: PgSettings, opts: { max?: number; applicationName?: string } = {}): Sql {
-  const problem = pgUrlProblem(s.url);
-  if (problem) throw new StoreError(`[store] url: ${problem}`);
-  const ssl =
-    s.tls === 'disable' ? false : s.tls === 'require' ? { rejectUnauthorized: false } : { rejectUnauthorized: true, ...(s.caFile ? { ca: fs.readFileSync(s.caFile, 'utf8') } : {}) };
-  return postgres(s.url, {
-    ...(s.passwordFile !== undefined ? { password: readPassword(s.passwordFile) } : {}),
-    ssl,
-    max: opts.max ?? 4,
-    // A promoted standby takes over: connections go to whichever listed host accepts writes.
-    target_session_attrs: 'read-write',
-    connect_timeout: 5,
-    idle_timeout: 60,
-    onnotice: () => undefined,
-    connection: { application_name: opts.applicationName ?? 'mfagate' },
-    // Times are ms since the epoch in BIGINT: numbers, as SQLite gives them (exact up to 2^53).
-    types: { bigint: { to: 20, from: [20], serialize: (v: number) => String(v), parse: (v: string) => Number(v) } } as unknown as Record<string, never>,
-  }) as unknown as Sql;
-}
-
-/** Makes the message of a connection failure say which database and what to check. */
+/** Makes the message of a connection failure say which database (the URL holds no password: refused). */
 export function pgError(s: PgSettings, e: unknown): StoreError {
-  if (e instanceof StoreError) return e;
   const msg = e instanceof Error ? e.message : String(e);
-  return new StoreError(`PostgreSQL at ${describePg(s)}: ${msg}`);
+  return new StoreError(`PostgreSQL at ${s.url}: ${msg}`);
 }
 
-/** Opens a pool for one command, runs `fn`, and closes the pool; errors name the database. */
-export async function withPg<T>(s: PgSettings, fn: (sql: Sql) => Promise<T>): Promise<T> {
-  const sql = openPg(s, { max: 1, applicationName: 'mfagate-cli' });
+/** Opens the database for one command, runs `fn`, and closes it; errors name the database. */
+export async function withPg<T>(s: PgSettings, fn: (db: PgDb) => Promise<T>): Promise<T> {
+  // A command may copy a large store: statements may take minutes, but not forever.
+  const db = openPg(s, { max: 1, applicationName: 'mfagate-cli', queryTimeoutMs: 600_000 });
   try {
-    return await fn(sql);
+    return await fn(db);
   } catch (e) {
     throw pgError(s, e);
   } finally {
-    await sql.end({ timeout: 5 });
+    await db.end();
   }
 }
 
 /** The lock `db migrate` holds, so that two nodes starting at once do not both migrate. */
-const MIGRATE_LOCK = 7305626406431916082n;
+const MIGRATE_LOCK = '7305626406431916082';
 
-export async function pgSchemaVersion(sql: Sql): Promise<number> {
-  const [t] = await sql`SELECT to_regclass('mfagate_schema') IS NOT NULL AS present`;
+export async function pgSchemaVersion(db: Queryable): Promise<number> {
+  const t = (await db.query("SELECT to_regclass('mfagate_schema') IS NOT NULL AS present")).rows[0];
   if (!t?.['present']) return 0;
-  const [r] = await sql`SELECT version FROM mfagate_schema`;
+  const r = (await db.query('SELECT version FROM mfagate_schema')).rows[0];
   return (r?.['version'] as number | undefined) ?? 0;
 }
 
 /** Applies pending migrations, each in its own transaction; returns the versions before and after. */
-export async function migratePg(sql: Sql): Promise<{ from: number; to: number }> {
-  return sql.begin(async (tx) => {
-    await tx`SELECT pg_advisory_xact_lock(${MIGRATE_LOCK.toString()}::bigint)`;
-    await tx`CREATE TABLE IF NOT EXISTS mfagate_schema (version INTEGER NOT NULL)`;
-    const [row] = await tx`SELECT version FROM mfagate_schema`;
-    if (!row) await tx`INSERT INTO mfagate_schema (version) VALUES (0)`;
+export async function migratePg(db: PgDb): Promise<{ from: number; to: number }> {
+  return db.begin(async (tx) => {
+    await tx.query('SELECT pg_advisory_xact_lock($1::bigint)', [MIGRATE_LOCK]);
+    await tx.query('CREATE TABLE IF NOT EXISTS mfagate_schema (version INTEGER NOT NULL)');
+    const row = (await tx.query('SELECT version FROM mfagate_schema')).rows[0];
+    if (!row) await tx.query('INSERT INTO mfagate_schema (version) VALUES (0)');
     const from = (row?.['version'] as number | undefined) ?? 0;
     if (from > SCHEMA_VERSION) throw new StoreError(`the database has schema version ${from}, newer than this mfagate (${SCHEMA_VERSION}): upgrade mfagate`);
     for (const m of MIGRATIONS) {
       if (m.version <= from) continue;
-      await tx.unsafe(m.postgresql);
-      await tx`UPDATE mfagate_schema SET version = ${m.version}`;
+      await tx.query(m.postgresql);
+      await tx.query('UPDATE mfagate_schema SET version = $1', [m.version]);
     }
     return { from, to: SCHEMA_VERSION };
-  }) as Promise<{ from: number; to: number }>;
+  });
 }
 
 /** The tables a store holds, in an order that keeps references whole, with their key columns. */
@@ -127,12 +92,12 @@ const quote = (c: string) => `"${c.replace(/"/g, '""')}"`;
  * copy: a second run must not leave a revoked grant working) and left alone when it does not, so a second run
  * writes nothing twice. Rows only in the database are not touched. One transaction: all or nothing.
  */
-export async function copyToPg(store: Store, sql: Sql, batch = 1000): Promise<CopyReport[]> {
-  const version = await pgSchemaVersion(sql);
+export async function copyToPg(store: Store, db: PgDb, batch = 1000): Promise<CopyReport[]> {
+  const version = await pgSchemaVersion(db);
   if (version !== store.schemaVersion) {
     throw new StoreError(`the database is at schema version ${version}, the store at ${store.schemaVersion}: run "mfagate db migrate" on both first`);
   }
-  return sql.begin(async (tx) => {
+  return db.begin(async (tx) => {
     const reports: CopyReport[] = [];
     for (const { table, key, identity } of COPIED) {
       const columns = (store.db.prepare(`SELECT name FROM pragma_table_info(?) ORDER BY cid`).pluck().all(table) as string[]);
@@ -154,12 +119,12 @@ export async function copyToPg(store: Store, sql: Sql, batch = 1000): Promise<Co
           return `$${params.length}`;
         }).join(', ')})`);
         // Returned: the rows inserted (xmax 0) and the rows updated; a row that already matched is neither.
-        const result = await tx.unsafe(
+        const result = await tx.query(
           `INSERT INTO ${quote(table)} AS t (${cols}) ${identity ? 'OVERRIDING SYSTEM VALUE ' : ''}VALUES ${tuples.join(', ')} ` +
             `ON CONFLICT (${conflict}) DO UPDATE SET ${update} WHERE ${differs} RETURNING (t.xmax = 0) AS inserted`,
-          params as never[],
+          params,
         );
-        for (const r of result) {
+        for (const r of result.rows) {
           if (r['inserted']) added++;
           else updated++;
         }
@@ -173,23 +138,33 @@ export async function copyToPg(store: Store, sql: Sql, batch = 1000): Promise<Co
       await flush();
       if (identity) {
         // New rows made in PostgreSQL must not take ids the copy brought.
-        await tx.unsafe(`SELECT setval(pg_get_serial_sequence('${table}', 'id'), greatest((SELECT max(id) FROM ${quote(table)}), 1))`);
+        await tx.query(`SELECT setval(pg_get_serial_sequence('${table}', 'id'), greatest((SELECT max(id) FROM ${quote(table)}), 1))`);
       }
       reports.push({ table, read, added, updated });
     }
     return reports;
-  }) as Promise<CopyReport[]>;
+  });
 }
 
 /**
  * Loads a node's in-memory copy (store/live-copy.ts) from PostgreSQL in one snapshot: users with a flag, active
  * grants, and the change id the copy is current to.
  */
-export async function loadPgCopy(sql: Sql, copy: LiveCopy, now: number): Promise<void> {
-  await sql.begin('ISOLATION LEVEL REPEATABLE READ READ ONLY', async (tx) => {
-    const [latest] = await tx`SELECT coalesce(max(id), 0) AS id FROM changes`;
-    const users = await tx`SELECT name, mfa_enabled, exempt FROM users WHERE mfa_enabled = 1 OR exempt = 1`.values();
-    const grants = await tx`SELECT "user", block, id, expires_at FROM grants WHERE revoked_at IS NULL AND expires_at > ${now} ORDER BY "user"`.values();
-    copy.replaceAll(users, grants, (latest?.['id'] as number | undefined) ?? 0, now);
+export async function loadPgCopy(db: PgDb, copy: LiveCopy, now: number): Promise<void> {
+  await db.begin(async (tx) => {
+    const latest = (await tx.query('SELECT coalesce(max(id), 0) AS id FROM changes')).rows[0];
+    const users = (await tx.query('SELECT name, mfa_enabled, exempt FROM users WHERE mfa_enabled = 1 OR exempt = 1', [], true)).rows;
+    const grants = (await tx.query('SELECT "user", block, id, expires_at FROM grants WHERE revoked_at IS NULL AND expires_at > $1 ORDER BY "user"', [now], true)).rows;
+    copy.replaceAll(users as unknown as unknown[][], grants as unknown as unknown[][], (latest?.['id'] as number | undefined) ?? 0, now);
+  }, 'ISOLATION LEVEL REPEATABLE READ READ ONLY');
+}
+
+/** Deletes changes written before `before`, noting how far (a node's copy further behind loads whole). */
+export async function purgePgChanges(db: PgDb, before: number): Promise<number> {
+  return db.begin(async (tx) => {
+    const upto = (await tx.query('SELECT max(id) AS upto FROM changes WHERE at <= $1', [before])).rows[0]?.['upto'] as number | null | undefined;
+    if (upto === null || upto === undefined) return 0;
+    await tx.query('UPDATE changes_purged SET upto = greatest(upto, $1) WHERE id = 1', [upto]);
+    return (await tx.query('DELETE FROM changes WHERE id <= $1', [upto])).rowCount;
   });
 }

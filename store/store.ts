@@ -262,9 +262,16 @@ export class Store implements Facts {
     return { flags, grants };
   }
 
-  /** Deletes changes written before `before` (a copy further behind than that reloads whole). */
+  /** Deletes changes written before `before`, noting how far (a copy further behind than that reloads whole). */
   purgeChanges(before: number): number {
-    return this.db.transaction(() => this.st.purgeChanges.run(before).changes).immediate();
+    return this.db
+      .transaction(() => {
+        const upto = this.st.purgeableChanges.get(before) as number | null;
+        if (upto === null) return 0;
+        this.st.notePurged.run(upto);
+        return this.st.purgeChanges.run(upto).changes;
+      })
+      .immediate();
   }
 
   /**
@@ -305,16 +312,15 @@ export class Store implements Facts {
 
   /** Applies the changes after the copy's last one; reloads whole when some of them were purged unseen. */
   catchUp(copy: LiveCopy, now: number): void {
+    if ((this.st.purgedUpto.get() as number) > copy.lastChange) {
+      this.reloadCopy(copy, now);
+      return;
+    }
     for (;;) {
       const rows = this.changesSince(copy.lastChange);
-      const first = rows[0];
-      if (first === undefined) {
-        // Nothing to read but the newest id moved: the changes were purged before this copy saw them.
-        if (this.latestChange() !== copy.lastChange) this.reloadCopy(copy, now);
-        return;
-      }
-      if (first.id !== copy.lastChange + 1) {
-        this.reloadCopy(copy, now);
+      if (rows.length === 0) {
+        copy.lastChange = this.latestChange();
+        copy.currentAt = now;
         return;
       }
       const users = new Set(rows.map((r) => r.user));
@@ -636,7 +642,10 @@ function prepareStatements(db: Database.Database) {
     // The partial index of active grants holds every column asked for (id is its rowid), in user order: one
     // sequential read. Left to itself SQLite takes the expiry index and visits each row, three times slower.
     activeGrants: db.prepare('SELECT user, block, id, expires_at FROM grants INDEXED BY grants_active WHERE revoked_at IS NULL AND expires_at > ?').raw(),
-    purgeChanges: db.prepare('DELETE FROM changes WHERE at <= ?'),
+    purgeableChanges: db.prepare('SELECT max(id) FROM changes WHERE at <= ?').pluck(),
+    notePurged: db.prepare('UPDATE changes_purged SET upto = max(upto, ?) WHERE id = 1'),
+    purgedUpto: db.prepare('SELECT upto FROM changes_purged WHERE id = 1').pluck(),
+    purgeChanges: db.prepare('DELETE FROM changes WHERE id <= ?'),
     statsRead: db.prepare('SELECT * FROM daemon_stats WHERE id = 1'),
     statsStart: db.prepare(
       `INSERT INTO daemon_stats (id, pid, started_at, updated_at) VALUES (1, ?, ?, ?)

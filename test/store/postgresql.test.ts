@@ -9,7 +9,7 @@ import path from 'node:path';
 import t from 'tap';
 import { LiveCopy } from '../../store/live-copy.js';
 import { MIGRATIONS, SCHEMA_VERSION } from '../../store/migrations.js';
-import { type Sql, loadPgCopy, openPg } from '../../store/pg.js';
+import { type PgDb, loadPgCopy, openPg } from '../../store/pg.js';
 import { Store } from '../../store/store.js';
 import { cli, tempDir } from '../helpers/daemon.js';
 import { type PgServer, startPostgres } from '../helpers/postgres.js';
@@ -17,13 +17,13 @@ import { type PgServer, startPostgres } from '../helpers/postgres.js';
 const HOUR = 3_600_000;
 const dir = tempDir('mfagate-pgtest-');
 let pg: PgServer;
-let sql: Sql;
+let sql: PgDb;
 t.before(async () => {
   pg = await startPostgres();
   sql = openPg({ url: pg.url, passwordFile: pg.passwordFile, tls: 'disable', caFile: undefined });
 });
 t.teardown(async () => {
-  await sql?.end({ timeout: 5 });
+  await sql?.end();
   pg?.destroy();
   fs.rmSync(dir, { recursive: true, force: true });
 });
@@ -50,31 +50,31 @@ t.test('the same tables, columns and indexes as a SQLite store at the same versi
   const s = Store.open(path.join(dir, 'schema.db'), { create: true });
   t.teardown(() => s.close());
   const sqliteTables = (s.db.prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name").pluck().all() as string[]);
-  const pgTables = (await sql`SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'mfagate_schema' ORDER BY tablename`).map((r) => r['tablename'] as string);
+  const pgTables = (await sql.query("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'mfagate_schema' ORDER BY tablename")).rows.map((r) => r['tablename'] as string);
   t.same(pgTables, sqliteTables);
   for (const table of sqliteTables) {
     const sc = (s.db.prepare('SELECT name FROM pragma_table_info(?) ORDER BY name').pluck().all(table) as string[]);
-    const pc = (await sql`SELECT column_name FROM information_schema.columns WHERE table_name = ${table} ORDER BY column_name`).map((r) => r['column_name'] as string);
+    const pc = (await sql.query('SELECT column_name FROM information_schema.columns WHERE table_name = $1 ORDER BY column_name', [table])).rows.map((r) => r['column_name'] as string);
     t.same(pc, sc, `${table}: the same columns`);
   }
   const si = (s.db.prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_%' ORDER BY name").pluck().all() as string[]);
-  const pi = (await sql`SELECT indexname FROM pg_indexes WHERE schemaname = 'public' AND indexname NOT LIKE '%_pkey' AND indexname NOT LIKE '%_key' ORDER BY indexname`).map((r) => r['indexname'] as string);
+  const pi = (await sql.query("SELECT indexname FROM pg_indexes WHERE schemaname = 'public' AND indexname NOT LIKE '%_pkey' AND indexname NOT LIKE '%_key' ORDER BY indexname")).rows.map((r) => r['indexname'] as string);
   t.same(pi, si, 'the same indexes');
   const st = (s.db.prepare("SELECT name FROM sqlite_master WHERE type = 'trigger' ORDER BY name").pluck().all() as string[]);
-  const pt = (await sql`SELECT DISTINCT trigger_name FROM information_schema.triggers ORDER BY trigger_name`).map((r) => r['trigger_name'] as string);
+  const pt = (await sql.query('SELECT DISTINCT trigger_name FROM information_schema.triggers ORDER BY trigger_name')).rows.map((r) => r['trigger_name'] as string);
   t.same(pt, st, 'the same triggers feed the change feed');
   t.equal(MIGRATIONS.filter((m) => m.postgresql.trim() === '').length, 0, 'every migration has its PostgreSQL text');
 });
 
 t.test('the change feed: triggers write it, commits are in id order, each commit notifies', async (t) => {
   const heard: string[] = [];
-  const listener = await sql.listen('mfagate_changes', (payload) => heard.push(payload));
-  t.teardown(() => listener.unlisten());
-  const [{ id: before } = { id: 0 }] = await sql`SELECT coalesce(max(id), 0) AS id FROM changes`;
-  await sql`INSERT INTO users (name, mfa_enabled, created_at, updated_at) VALUES ('feed-a', 1, 1, 1)`;
-  await sql`INSERT INTO users (name, created_at, updated_at) VALUES ('feed-plain', 1, 1)`;
-  await sql`UPDATE users SET updated_at = 2 WHERE name = 'feed-a'`;
-  const rows = await sql`SELECT "user" FROM changes WHERE id > ${before as number} ORDER BY id`;
+  const listener = await sql.listen('mfagate_changes', () => heard.push('notified'), () => undefined);
+  t.teardown(() => listener.close());
+  const before = (await sql.query('SELECT coalesce(max(id), 0) AS id FROM changes')).rows[0]?.['id'] as number;
+  await sql.query("INSERT INTO users (name, mfa_enabled, created_at, updated_at) VALUES ('feed-a', 1, 1, 1)");
+  await sql.query("INSERT INTO users (name, created_at, updated_at) VALUES ('feed-plain', 1, 1)");
+  await sql.query("UPDATE users SET updated_at = 2 WHERE name = 'feed-a'");
+  const rows = (await sql.query('SELECT "user" FROM changes WHERE id > $1 ORDER BY id', [before])).rows;
   t.same(rows.map((r) => r['user']), ['feed-a'], 'a flagged user is a change; a plain one, or a column decisions do not read, is not');
 
   // Two writers: the second one's change waits for the first to commit, so its id is the later one.
@@ -83,20 +83,22 @@ t.test('the change feed: triggers write it, commits are in id order, each commit
   let release!: () => void;
   const held = new Promise<void>((r) => (release = r));
   const first = sql.begin(async (tx) => {
-    const [g] = await tx`INSERT INTO grants ("user", block, ip, created_at, expires_at, method, source) VALUES ('feed-a', '203.0.113.1', '203.0.113.1', 1, ${Date.now() + HOUR}, 'totp', 'api') RETURNING id`;
+    const g = (await tx.query(`INSERT INTO grants ("user", block, ip, created_at, expires_at, method, source) VALUES ('feed-a', '203.0.113.1', '203.0.113.1', 1, $1, 'totp', 'api') RETURNING id`, [Date.now() + HOUR])).rows[0];
     t.ok(g);
-    const [c] = await tx`SELECT max(id) AS id FROM changes`;
+    const c = (await tx.query('SELECT max(id) AS id FROM changes')).rows[0];
     firstId = c?.['id'] as number;
     await held;
   });
   await new Promise((r) => setTimeout(r, 200));
-  const second = sql`INSERT INTO grants ("user", block, ip, created_at, expires_at, method, source) VALUES ('feed-b', '203.0.113.2', '203.0.113.2', 1, ${Date.now() + HOUR}, 'totp', 'api')`.then(() => (secondDone = true));
+  const second = sql
+    .query(`INSERT INTO grants ("user", block, ip, created_at, expires_at, method, source) VALUES ('feed-b', '203.0.113.2', '203.0.113.2', 1, $1, 'totp', 'api')`, [Date.now() + HOUR])
+    .then(() => (secondDone = true));
   await new Promise((r) => setTimeout(r, 500));
   t.equal(secondDone, false, 'the second writer waits while the first holds its change uncommitted');
   release();
   await first;
   await second;
-  const [last] = await sql`SELECT id, "user" FROM changes ORDER BY id DESC LIMIT 1`;
+  const last = (await sql.query('SELECT id, "user" FROM changes ORDER BY id DESC LIMIT 1')).rows[0];
   t.same(last, { id: firstId + 1, user: 'feed-b' }, 'and its change takes the next id');
   for (let i = 0; i < 50 && heard.length < 4; i++) await new Promise((r) => setTimeout(r, 20));
   t.ok(heard.length >= 3, `a notification for each committing writer (${heard.length})`);
@@ -141,7 +143,7 @@ t.test('db copy: every row of a filled store, ids kept, nothing twice, the same 
   const report = JSON.parse(first.stdout) as { schema_version: number; tables: Record<string, { read: number; added: number; updated: number }> };
   t.equal(report.schema_version, SCHEMA_VERSION);
   const target = openPg({ url: to, passwordFile: pg.passwordFile, tls: 'disable', caFile: undefined });
-  t.teardown(() => target.end({ timeout: 5 }));
+  t.teardown(() => target.end());
   for (const [table, { read, added, updated }] of Object.entries(report.tables)) {
     const count = (s.db.prepare(`SELECT count(*) FROM ${table}`).pluck().get() as number);
     t.same({ read, added, updated }, { read: count, added: count, updated: 0 }, `${table}: all ${count} rows`);
@@ -150,7 +152,7 @@ t.test('db copy: every row of a filled store, ids kept, nothing twice, the same 
     const cols = (s.db.prepare('SELECT name FROM pragma_table_info(?) ORDER BY cid').pluck().all(table) as string[]);
     const order = cols.map((c) => `"${c}"`).join(', ');
     const mine = (s.db.prepare(`SELECT * FROM ${table} ORDER BY ${order}`).all() as Record<string, unknown>[]).map((r) => cols.map((c) => BYTEA(r[c])));
-    const theirs = (await target.unsafe(`SELECT * FROM ${table} ORDER BY ${order}`)).map((r) => cols.map((c) => BYTEA(r[c])));
+    const theirs = (await target.query(`SELECT * FROM ${table} ORDER BY ${order}`)).rows.map((r) => cols.map((c) => BYTEA(r[c])));
     t.same(theirs, mine, `${table}: the same rows`);
   }
   t.notOk('changes' in report.tables || 'daemon_stats' in report.tables, 'the change feed and the statistics are not copied');
@@ -170,14 +172,14 @@ t.test('db copy: every row of a filled store, ids kept, nothing twice, the same 
   const changed = (JSON.parse(third.stdout) as typeof report).tables;
   t.match(changed['grants'], { added: 1, updated: 1 }, 'the new grant added, the revoked one updated');
   t.match(changed['users'], { added: 0, updated: 0 });
-  const [revoked] = await target`SELECT revoked_by, revoke_reason FROM grants WHERE id = ${live?.id ?? 0}`;
+  const revoked = (await target.query('SELECT revoked_by, revoke_reason FROM grants WHERE id = $1', [live?.id ?? 0])).rows[0];
   t.same(revoked, { revoked_by: 'helpdesk', revoke_reason: 'lost phone' }, 'the revoke reached PostgreSQL');
 
   // A grant made in PostgreSQL after the copy takes a new id, not one the copy brought.
-  const [maxId] = await target`SELECT max(id) AS id FROM grants`;
-  const [fresh] = await target`INSERT INTO grants ("user", block, ip, created_at, expires_at, method, source) VALUES ('user9', '192.0.2.1', '192.0.2.1', ${now}, ${now + HOUR}, 'totp', 'api') RETURNING id`;
+  const maxId = (await target.query('SELECT max(id) AS id FROM grants')).rows[0];
+  const fresh = (await target.query(`INSERT INTO grants ("user", block, ip, created_at, expires_at, method, source) VALUES ('user9', '192.0.2.1', '192.0.2.1', $1, $2, 'totp', 'api') RETURNING id`, [now, now + HOUR])).rows[0];
   t.ok((fresh?.['id'] as number) > (maxId?.['id'] as number), 'ids go on after the copied ones');
-  await target`DELETE FROM grants WHERE id = ${fresh?.['id'] as number}`;
+  await target.query('DELETE FROM grants WHERE id = $1', [fresh?.['id']]);
 
   // The decisions: a node's copy loaded from PostgreSQL answers every (user, block) as the SQLite store does.
   const copy = new LiveCopy();
