@@ -94,7 +94,23 @@ export function adminCommands(program: Command): void {
           exempt: counts.exempt,
           active_grants: counts.activeGrants,
           daemon: daemon
-            ? { pid: daemon.pid, running: daemon.stoppedAt === null, started_at: new Date(daemon.startedAt).toISOString(), as_of: new Date(daemon.updatedAt).toISOString(), decisions: { allowed: daemon.allowed, refused: daemon.refused, log_only: daemon.logOnly, bad_requests: daemon.badRequests } }
+            ? {
+                pid: daemon.pid,
+                running: daemon.stoppedAt === null,
+                started_at: new Date(daemon.startedAt).toISOString(),
+                as_of: new Date(daemon.updatedAt).toISOString(),
+                decisions: { allowed: daemon.allowed, refused: daemon.refused, log_only: daemon.logOnly, bad_requests: daemon.badRequests },
+                copy: daemon.copy
+                  ? {
+                      backend: config.store.backend,
+                      current_at: new Date(daemon.copy.currentAt).toISOString(),
+                      age_ms: Math.max(0, daemon.updatedAt - daemon.copy.currentAt),
+                      users_with_a_flag: daemon.copy.flaggedUsers,
+                      grants: daemon.copy.grants,
+                      error: daemon.copy.error ?? null,
+                    }
+                  : null,
+              }
             : null,
         });
       }
@@ -105,5 +121,14 @@ export function adminCommands(program: Command): void {
       if (!daemon) return out('daemon:         never started on this store');
       out(`daemon:         pid ${daemon.pid}, ${daemon.stoppedAt === null ? 'started' : 'ran from'} ${formatTime(daemon.startedAt)}${daemon.stoppedAt === null ? '' : ' to ' + formatTime(daemon.stoppedAt)}`);
       out(`decisions:      ${daemon.allowed} allowed, ${daemon.refused} refused, ${daemon.logOnly} refusals let through (log-only), ${daemon.badRequests} bad requests (as of ${formatTime(daemon.updatedAt)})`);
+      const c = daemon.copy;
+      if (c) {
+        const held = `${c.flaggedUsers} users with MFA or exempt, ${c.grants} grants`;
+        out(
+          c.error === undefined
+            ? `decides from:   a copy in memory of the ${config.store.backend} store (${held}), current as of ${formatTime(c.currentAt)}`
+            : `decides from:   a copy in memory as it was at ${formatTime(c.currentAt)} (${held}): the store cannot be read: ${c.error}`,
+        );
+      }
     });
 }

@@ -179,7 +179,7 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
       service.passcodes.flushUses();
     });
     every(PASSCODE_SWEEP_MS, () => service.passcodes.sweep());
-    every(STATS_FLUSH_MS, () => store.writeDaemonStats(pid, Date.now(), service.counters));
+    every(STATS_FLUSH_MS, () => store.writeDaemonStats(pid, Date.now(), service.counters, null, service.copyState()));
     const purge = () => {
       const now = Date.now();
       let total = 0;
@@ -209,7 +209,7 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
     mailer?.close();
     if (statsStarted) {
       try {
-        store.writeDaemonStats(pid, Date.now(), service.counters, Date.now());
+        store.writeDaemonStats(pid, Date.now(), service.counters, Date.now(), service.copyState());
       } catch {
         /* the reason the start failed is what the caller reports */
       }
@@ -304,7 +304,7 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
         service.passcodes.flushUses();
         mailer?.close();
         try {
-          store.writeDaemonStats(pid, Date.now(), service.counters, Date.now());
+          store.writeDaemonStats(pid, Date.now(), service.counters, Date.now(), service.copyState());
         } catch (e) {
           logger.log('error', 'stats-not-written', { error: errorText(e) });
         }

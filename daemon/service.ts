@@ -4,7 +4,7 @@ import { type Config, policySettings, refusalMessage } from '../config/config.js
 import { parseAddress } from '../policy/address.js';
 import { type Decision, type PolicySettings, decide } from '../policy/decide.js';
 import { isAcceptableUserName, normaliseUser } from '../policy/user.js';
-import type { LoginReport, Store } from '../store/store.js';
+import type { CopyState, LoginReport, Store } from '../store/store.js';
 import type { LiveCopy } from '../store/live-copy.js';
 import { type CheckResult, PasscodeService, passcodeProtocolOf } from '../mfa/passcodes.js';
 import type { PasscodeCheckRequest } from './dovecot-protocol.js';
@@ -56,14 +56,28 @@ export class PolicyService {
     this.copy = store.liveCopy(clock, {
       failed: (e, currentAt) => {
         since = clock();
+        this.copyError = errorText(e);
         logger.log('error', 'copy-stale', {
           error: errorText(e),
           current_at: new Date(currentAt).toISOString(),
           note: 'the store cannot be read: decisions go on from the copy in memory as it was then',
         });
       },
-      recovered: (currentAt) => logger.log('info', 'copy-current', { stale_ms: clock() - since, current_at: new Date(currentAt).toISOString() }),
+      recovered: (currentAt) => {
+        this.copyError = undefined;
+        logger.log('info', 'copy-current', { stale_ms: clock() - since, current_at: new Date(currentAt).toISOString() });
+      },
     });
+  }
+
+  /** Why the copy could not be brought up to date, while it cannot. */
+  private copyError: string | undefined;
+
+  /** The copy's state, for the statistics in the store ("mfagate stats"). */
+  copyState(): CopyState {
+    this.copy.refresh();
+    const size = this.copy.size();
+    return { currentAt: this.copy.currentAt, flaggedUsers: size.flaggedUsers, grants: size.grants, error: this.copyError };
   }
 
   /** Swap in a reloaded configuration (SIGHUP). */

@@ -38,6 +38,11 @@ export class LiveCopy implements Facts {
    */
   constructor(private readonly beforeLookup?: () => void) {}
 
+  /** Brings the copy up to date now, as a lookup would (the statistics timer: a quiet daemon is current too). */
+  refresh(): void {
+    this.beforeLookup?.();
+  }
+
   lookup(user: string, block: string, now: number): LookupResult {
     this.beforeLookup?.();
     const bits = this.flags.get(user) ?? 0;

@@ -322,6 +322,12 @@ export const MIGRATIONS: readonly Migration[] = [
       );
       INSERT INTO changes_purged (id, upto) VALUES (1, 0);
 
+      -- What the running daemon decides from, for "mfagate stats": its copy's size and when it was last current.
+      ALTER TABLE daemon_stats ADD COLUMN copy_current_at INTEGER;
+      ALTER TABLE daemon_stats ADD COLUMN copy_users INTEGER;
+      ALTER TABLE daemon_stats ADD COLUMN copy_grants INTEGER;
+      ALTER TABLE daemon_stats ADD COLUMN copy_error TEXT;
+
       CREATE TRIGGER users_flag_insert AFTER INSERT ON users WHEN NEW.mfa_enabled = 1 OR NEW.exempt = 1
       BEGIN INSERT INTO changes (at, user) VALUES (CAST(unixepoch('subsec') * 1000 AS INTEGER), NEW.name); END;
       CREATE TRIGGER users_flag_update AFTER UPDATE OF mfa_enabled, exempt ON users
@@ -359,6 +365,11 @@ export const MIGRATIONS: readonly Migration[] = [
         upto BIGINT NOT NULL
       );
       INSERT INTO changes_purged (id, upto) VALUES (1, 0);
+
+      ALTER TABLE daemon_stats ADD COLUMN copy_current_at BIGINT;
+      ALTER TABLE daemon_stats ADD COLUMN copy_users BIGINT;
+      ALTER TABLE daemon_stats ADD COLUMN copy_grants BIGINT;
+      ALTER TABLE daemon_stats ADD COLUMN copy_error TEXT;
 
       -- Sequences hand out ids in the order transactions ask, not the order they commit: a reader could see
       -- id 7 before id 6 commits and never look back. So a transaction takes one lock before it writes its

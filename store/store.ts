@@ -65,6 +65,17 @@ export interface DaemonStatsRow {
   refused: number;
   logOnly: number;
   badRequests: number;
+  /** The daemon's in-memory copy, as of its last report; undefined from a daemon older than the copy. */
+  copy: CopyState | undefined;
+}
+
+/** What a daemon decides from: its in-memory copy's size, when it last matched the store, and why not since. */
+export interface CopyState {
+  currentAt: number;
+  flaggedUsers: number;
+  grants: number;
+  /** Set while the store cannot be read (the copy stays as it was at currentAt). */
+  error: string | undefined;
 }
 
 export interface LoginReport {
@@ -562,9 +573,17 @@ export class Store implements Facts {
     this.db.transaction(() => this.st.statsStart.run(pid, now, now)).immediate();
   }
 
-  writeDaemonStats(pid: number, now: number, c: { allowed: number; refused: number; logOnly: number; badRequests: number }, stoppedAt: number | null = null): void {
+  writeDaemonStats(
+    pid: number,
+    now: number,
+    c: { allowed: number; refused: number; logOnly: number; badRequests: number },
+    stoppedAt: number | null = null,
+    copy?: CopyState,
+  ): void {
     this.db
-      .transaction(() => this.st.statsWrite.run(now, c.allowed, c.refused, c.logOnly, c.badRequests, stoppedAt, pid))
+      .transaction(() =>
+        this.st.statsWrite.run(now, c.allowed, c.refused, c.logOnly, c.badRequests, stoppedAt, copy?.currentAt ?? null, copy?.flaggedUsers ?? null, copy?.grants ?? null, copy?.error ?? null, pid),
+      )
       .immediate();
   }
 
@@ -580,6 +599,15 @@ export class Store implements Facts {
       refused: r['refused'] as number,
       logOnly: r['log_only'] as number,
       badRequests: r['bad_requests'] as number,
+      copy:
+        r['copy_current_at'] === null
+          ? undefined
+          : {
+              currentAt: r['copy_current_at'] as number,
+              flaggedUsers: r['copy_users'] as number,
+              grants: r['copy_grants'] as number,
+              error: (r['copy_error'] as string | null) ?? undefined,
+            },
     };
   }
 }
@@ -650,10 +678,12 @@ function prepareStatements(db: Database.Database) {
     statsStart: db.prepare(
       `INSERT INTO daemon_stats (id, pid, started_at, updated_at) VALUES (1, ?, ?, ?)
        ON CONFLICT (id) DO UPDATE SET pid = excluded.pid, started_at = excluded.started_at, updated_at = excluded.updated_at,
-         stopped_at = NULL, allowed = 0, refused = 0, log_only = 0, bad_requests = 0`,
+         stopped_at = NULL, allowed = 0, refused = 0, log_only = 0, bad_requests = 0,
+         copy_current_at = NULL, copy_users = NULL, copy_grants = NULL, copy_error = NULL`,
     ),
     statsWrite: db.prepare(
-      'UPDATE daemon_stats SET updated_at = ?, allowed = ?, refused = ?, log_only = ?, bad_requests = ?, stopped_at = ? WHERE id = 1 AND pid = ?',
+      `UPDATE daemon_stats SET updated_at = ?, allowed = ?, refused = ?, log_only = ?, bad_requests = ?, stopped_at = ?,
+         copy_current_at = ?, copy_users = ?, copy_grants = ?, copy_error = ? WHERE id = 1 AND pid = ?`,
     ),
   };
 }

@@ -121,6 +121,10 @@ t.test('a writable store: the daemon starts completely, runs its timers and relo
   t.equal(d.daemon.child.exitCode, null, 'still running after SIGHUP');
   const stats = () => (JSON.parse(d.cli('stats', '--json').stdout) as { daemon: { pid: number; running: boolean } | null }).daemon;
   t.match(stats(), { running: true, pid: d.daemon.child.pid }, 'its stats reach the store');
+  for (const deadline = Date.now() + 8000; Date.now() < deadline && !(stats() as { copy?: unknown } | null)?.copy; ) await new Promise((r) => setTimeout(r, 200));
+  t.match(stats(), { copy: { backend: 'sqlite', users_with_a_flag: 0, grants: 0, error: null, age_ms: Number } }, 'with the copy it decides from, and how current it is');
+  t.ok(((stats() as { copy?: { age_ms?: number } } | null)?.copy?.age_ms ?? Infinity) < 1000, 'current when it last reported');
+  t.match(d.cli('stats').stdout, /decides from:\s+a copy in memory of the sqlite store \(0 users with MFA or exempt, 0 grants\), current as of /);
   // A second copy started by mistake fails on the ports the first one holds, and leaves the first alone.
   const second = await startAndWait(d.configFile);
   t.ok(second.exited && second.code !== 0, 'a second copy exits', { output: second.output.slice(-1000) });
