@@ -68,6 +68,9 @@ function isConnectionError(e: unknown): boolean {
   return /^08|^57P0[123]|^25006|^53300/.test(code);
 }
 
+/** Clients that carry a permanent listener for late errors. */
+const guarded = new WeakSet<pg.PoolClient>();
+
 export class PgDb implements Queryable {
   private readonly hosts: Host[];
   private readonly config: pg.PoolConfig;
@@ -168,6 +171,15 @@ export class PgDb implements Queryable {
       throw e;
     }
     let broken = false;
+    // While it is checked out, an error between statements (the server gone) is emitted on the client itself:
+    // without a listener it would end the process.
+    const onError = () => (broken = true);
+    if (!guarded.has(client)) {
+      // And after it is given back and destroyed, a late error must find a listener too.
+      client.on('error', () => undefined);
+      guarded.add(client);
+    }
+    client.on('error', onError);
     const tx: Queryable = {
       query: async (text, params = [], arrays = false) => {
         try {
@@ -189,6 +201,7 @@ export class PgDb implements Queryable {
       if (broken) this.drop(pool);
       throw e;
     } finally {
+      client.off('error', onError);
       client.release(broken);
     }
   }
