@@ -56,10 +56,15 @@ export class PgFeed {
    * no copy at all has nothing to decide from (systemd restarts it until the database is there).
    */
   async start(): Promise<void> {
-    await this.load();
+    try {
+      await this.load();
+      const listener = await this.db.listen('mfagate_changes', () => void this.poke(), () => void this.poke());
+      this.unlisten = () => listener.close();
+    } catch (e) {
+      await this.db.end();
+      throw e;
+    }
     this.connected = true;
-    const listener = await this.db.listen('mfagate_changes', () => void this.poke(), () => void this.poke());
-    this.unlisten = () => listener.close();
     this.timer = setInterval(() => this.poke(), this.opts.pollMs ?? 1000);
     this.timer.unref();
   }

@@ -43,7 +43,10 @@ export async function pgSchemaVersion(db: Queryable): Promise<number> {
   return (r?.['version'] as number | undefined) ?? 0;
 }
 
-/** Applies pending migrations, each in its own transaction; returns the versions before and after. */
+/**
+ * Applies pending migrations, all in one transaction (all or none), under a lock: a second migrator waits, then
+ * finds the schema up to date. Returns the versions before and after.
+ */
 export async function migratePg(db: PgDb): Promise<{ from: number; to: number }> {
   return db.begin(async (tx) => {
     await tx.query('SELECT pg_advisory_xact_lock($1::bigint)', [MIGRATE_LOCK]);

@@ -4,6 +4,7 @@
 //     commit), a NOTIFY at each commit;
 //   - `mfagate db copy --to`: every row, ids kept, nothing twice on a second run, the same decisions after;
 //   - the configuration: a URL with a password is refused; the daemon and the other commands say what works.
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
@@ -11,7 +12,7 @@ import { LiveCopy } from '../../store/live-copy.js';
 import { MIGRATIONS, SCHEMA_VERSION } from '../../store/migrations.js';
 import { type PgDb, loadPgCopy, openPg } from '../../store/pg.js';
 import { Store } from '../../store/store.js';
-import { cli, tempDir } from '../helpers/daemon.js';
+import { CLI, cli, tempDir } from '../helpers/daemon.js';
 import { type PgServer, startPostgres } from '../helpers/postgres.js';
 
 const HOUR = 3_600_000;
@@ -44,6 +45,24 @@ t.test('db migrate creates the schema, then says it is up to date', async (t) =>
   t.match(again.stdout, `schema version ${SCHEMA_VERSION}, up to date`);
   t.equal(pg.psql('SELECT version FROM mfagate_schema', 'mfagate').trim(), String(SCHEMA_VERSION));
   t.equal(pg.psql("SELECT tableowner FROM pg_tables WHERE tablename = 'grants'", 'mfagate').trim(), 'mfagate', 'owned by the role mfagate connects as');
+});
+
+t.test('two hosts migrating one new database at once: one creates the schema, the other finds it up to date', async (t) => {
+  pg.psql('CREATE DATABASE racing OWNER mfagate;');
+  const file = path.join(dir, 'racing.toml');
+  fs.writeFileSync(file, `[store]\nbackend = "postgresql"\nurl = "${pg.url.replace(/\/mfagate$/, '/racing')}"\npassword_file = "${pg.passwordFile}"\ntls = "disable"\n`);
+  const run = () =>
+    new Promise<{ code: number | null; out: string }>((resolve) => {
+      const c = spawn(process.execPath, [CLI, '--config', file, 'db', 'migrate'], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let out = '';
+      c.stdout.on('data', (d: Buffer) => (out += d.toString()));
+      c.stderr.on('data', (d: Buffer) => (out += d.toString()));
+      c.on('close', (code) => resolve({ code, out }));
+    });
+  const both = await Promise.all([run(), run()]);
+  t.same(both.map((r) => r.code), [0, 0], both.map((r) => r.out).join(''));
+  t.same(both.map((r) => (/created/.test(r.out) ? 'created' : /up to date/.test(r.out) ? 'up to date' : r.out)).sort(), ['created', 'up to date']);
+  t.equal(pg.psql('SELECT version FROM mfagate_schema', 'racing').trim(), String(SCHEMA_VERSION));
 });
 
 t.test('the same tables, columns and indexes as a SQLite store at the same version', async (t) => {
