@@ -68,6 +68,7 @@ export class PolicyService {
         logger.log('info', 'copy-current', { stale_ms: clock() - since, current_at: new Date(currentAt).toISOString() });
       },
     });
+    this.passcodes.readFrom(this.copy);
   }
 
   /** Why the copy could not be brought up to date, while it cannot. */

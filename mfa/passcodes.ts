@@ -25,6 +25,7 @@ import { promisify } from 'node:util';
 import { type Config, PASSCODE_PROTOCOLS, type PasscodeProtocol, blockPrefixes } from '../config/config.js';
 import type { Logger } from '../daemon/log.js';
 import { blockOf, parseAddress } from '../policy/address.js';
+import type { PasscodeSource } from '../store/live-copy.js';
 import type { PasscodeRow, PasscodeUse } from '../store/passcode-store.js';
 import type { Store } from '../store/store.js';
 import { FailureLimiter } from './limiter.js';
@@ -143,6 +144,18 @@ export class PasscodeService {
   private uses: PasscodeUse[] = [];
   /** Wrong passcodes per user and per address block, held in memory ([lockout] numbers, counters of their own). */
   private readonly limiter: FailureLimiter;
+
+  /** Where checks read passcodes: the daemon's in-memory copy (see readFrom), else the store's table. */
+  private source: PasscodeSource | undefined;
+
+  /** Checks read passcodes from `source` (the daemon's copy: a check then never waits for the store). */
+  readFrom(source: PasscodeSource): void {
+    this.source = source;
+  }
+
+  private get read(): PasscodeSource {
+    return this.source ?? this.d.store.passcodes;
+  }
 
   constructor(private readonly d: PasscodeDeps) {
     this.clock = d.clock ?? Date.now;
@@ -271,7 +284,7 @@ export class PasscodeService {
 
     const attempt = this.limiter.begin([r.user], block);
     const now = this.clock();
-    const row = this.d.store.passcodes.bySelector(passcode.slice(0, SELECTOR_LENGTH));
+    const row = this.read.bySelector(passcode.slice(0, SELECTOR_LENGTH));
     const fail = (reason: string): CheckResult => {
       attempt.failed(undefined);
       return { ok: false, reason };
@@ -287,7 +300,7 @@ export class PasscodeService {
     }
     if (!right) return fail('wrong passcode');
     // Looked up again after the hash: a revoke while it ran counts.
-    const current = this.d.store.passcodes.byId(row.id);
+    const current = this.read.byId(row.id);
     if (!current || current.revokedAt !== null) return fail('revoked passcode');
     if (current.expiresAt !== null && current.expiresAt <= now) return fail('expired passcode');
     if (!current.protocols.includes(protocol)) return fail(`passcode not for ${protocol}`);
@@ -311,7 +324,7 @@ export class PasscodeService {
 
   private works(user: string, id: number, protocol: string, now: number): boolean {
     const p = passcodeProtocolOf(protocol);
-    const row = this.d.store.passcodes.byId(id);
+    const row = this.read.byId(id);
     return p !== undefined && row !== undefined && row.user === user && row.revokedAt === null && (row.expiresAt === null || row.expiresAt > now) && row.protocols.includes(p);
   }
 

@@ -2,6 +2,7 @@
 // the active grants by user and block. Decisions read it without a statement; the store's change feed keeps it
 // current (see Store.liveCopy). It holds no I/O of its own: whoever feeds it calls replaceAll and setUser.
 import type { Facts, GrantFacts, LookupResult, UserFacts } from '../policy/decide.js';
+import type { PasscodeRow } from './passcode-store.js';
 
 /** What the store holds for one user, as far as decisions go. */
 export interface UserState {
@@ -9,6 +10,15 @@ export interface UserState {
   flags: UserFacts | undefined;
   /** The user's active grants (any order; the latest-expiring one of a block wins). */
   grants: readonly ({ block: string } & GrantFacts)[];
+  /** The user's passcodes, revoked ones too until they are purged (a check says why one fails); expiry and
+   * revocation are checked where they are used. */
+  passcodes: readonly PasscodeRow[];
+}
+
+/** Where a passcode check reads the passcodes from: the copy in the daemon, the store's table elsewhere. */
+export interface PasscodeSource {
+  bySelector(selector: string): PasscodeRow | undefined;
+  byId(id: number): PasscodeRow | undefined;
 }
 
 const MFA = 1;
@@ -21,12 +31,16 @@ const FLAG_FACTS: readonly (UserFacts | undefined)[] = [
   { mfaEnabled: true, exempt: true },
 ];
 
-export class LiveCopy implements Facts {
+export class LiveCopy implements Facts, PasscodeSource {
   /** Users with a flag set, as MFA | EXEMPT bits; a user with neither is not kept. */
   private flags = new Map<string, number>();
   /** user -> block -> the grant that expires last. Expired entries stay until sweep() or the user changes. */
   private grants = new Map<string, Map<string, GrantFacts>>();
   private grantCount = 0;
+  /** Passcodes (revoked too, until purged), by id and by selector; each user's ids, to replace them when the user changes. */
+  private passcodesById = new Map<number, PasscodeRow>();
+  private passcodesBySelector = new Map<string, PasscodeRow>();
+  private passcodesOf = new Map<string, number[]>();
   /** The id of the newest change applied. */
   lastChange = 0;
   /** When the copy was last known to match the store (ms). */
@@ -43,6 +57,18 @@ export class LiveCopy implements Facts {
     this.beforeLookup?.();
   }
 
+  /** A passcode by its selector (brought up to date first, as a lookup is). */
+  bySelector(selector: string): PasscodeRow | undefined {
+    this.beforeLookup?.();
+    return this.passcodesBySelector.get(selector);
+  }
+
+  /** A passcode by id (brought up to date first). */
+  byId(id: number): PasscodeRow | undefined {
+    this.beforeLookup?.();
+    return this.passcodesById.get(id);
+  }
+
   lookup(user: string, block: string, now: number): LookupResult {
     this.beforeLookup?.();
     const bits = this.flags.get(user) ?? 0;
@@ -55,10 +81,14 @@ export class LiveCopy implements Facts {
    * grants load in a second or so: no object per row but the one kept): users [name, mfa_enabled, exempt] with
    * 0/1 flags, grants [user, block, id, expires_at], best sorted by user.
    */
-  replaceAll(users: Iterable<readonly unknown[]>, grants: Iterable<readonly unknown[]>, lastChange: number, now: number): void {
+  replaceAll(users: Iterable<readonly unknown[]>, grants: Iterable<readonly unknown[]>, passcodes: Iterable<PasscodeRow>, lastChange: number, now: number): void {
     this.flags = new Map();
     this.grants = new Map();
     this.grantCount = 0;
+    this.passcodesById = new Map();
+    this.passcodesBySelector = new Map();
+    this.passcodesOf = new Map();
+    for (const p of passcodes) this.addPasscode(p);
     for (const u of users) {
       const bits = (u[1] === 1 ? MFA : 0) | (u[2] === 1 ? EXEMPT : 0);
       if (bits !== 0) this.flags.set(u[0] as string, bits);
@@ -94,6 +124,13 @@ export class LiveCopy implements Facts {
       this.grants.delete(user);
     }
     for (const g of state.grants) this.addGrant(user, g.block, { id: g.id, expiresAt: g.expiresAt });
+    for (const id of this.passcodesOf.get(user) ?? []) {
+      const p = this.passcodesById.get(id);
+      this.passcodesById.delete(id);
+      if (p && this.passcodesBySelector.get(p.selector) === p) this.passcodesBySelector.delete(p.selector);
+    }
+    this.passcodesOf.delete(user);
+    for (const p of state.passcodes) this.addPasscode(p);
   }
 
   /** Forgets grants that expired at or before `now`; returns how many. */
@@ -113,8 +150,16 @@ export class LiveCopy implements Facts {
   }
 
   /** What the copy holds: users with a flag, and (user, block) grants kept (some may have expired since). */
-  size(): { flaggedUsers: number; grants: number } {
-    return { flaggedUsers: this.flags.size, grants: this.grantCount };
+  size(): { flaggedUsers: number; grants: number; passcodes: number } {
+    return { flaggedUsers: this.flags.size, grants: this.grantCount, passcodes: this.passcodesById.size };
+  }
+
+  private addPasscode(p: PasscodeRow): void {
+    this.passcodesById.set(p.id, p);
+    this.passcodesBySelector.set(p.selector, p);
+    const ids = this.passcodesOf.get(p.user);
+    if (ids) ids.push(p.id);
+    else this.passcodesOf.set(p.user, [p.id]);
   }
 
   private setFlags(user: string, f: UserFacts | undefined): void {

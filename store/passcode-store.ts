@@ -44,7 +44,8 @@ export interface PasscodeUse {
   protocol: string;
 }
 
-const fromRow = (r: Row): PasscodeRow => ({
+/** A row of the passcodes table as SQLite or PostgreSQL gives it (the same columns and values). */
+export const passcodeFromRow = (r: Row): PasscodeRow => ({
   id: r['id'] as number,
   user: r['user'] as string,
   name: r['name'] as string,
@@ -77,6 +78,7 @@ export class PasscodeStore {
       selectorTaken: db.prepare('SELECT 1 FROM passcodes WHERE selector = ?'),
       active: db.prepare('SELECT * FROM passcodes WHERE user = ? AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?) ORDER BY created_at, id'),
       all: db.prepare('SELECT * FROM passcodes WHERE user = ? ORDER BY created_at, id'),
+      every: db.prepare('SELECT * FROM passcodes'),
       everyActive: db.prepare('SELECT * FROM passcodes WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?) ORDER BY user, created_at, id LIMIT ?'),
       revoke: db.prepare('UPDATE passcodes SET revoked_at = ?, revoked_by = ? WHERE id = ? AND revoked_at IS NULL'),
       use: db.prepare('UPDATE passcodes SET last_used_at = ?, last_used_ip = ?, last_used_protocol = ? WHERE id = ? AND (last_used_at IS NULL OR last_used_at <= ?)'),
@@ -107,22 +109,27 @@ export class PasscodeStore {
 
   bySelector(selector: string): PasscodeRow | undefined {
     const r = this.st.bySelector.get(selector) as Row | undefined;
-    return r ? fromRow(r) : undefined;
+    return r ? passcodeFromRow(r) : undefined;
   }
 
   byId(id: number): PasscodeRow | undefined {
     const r = this.st.byId.get(id) as Row | undefined;
-    return r ? fromRow(r) : undefined;
+    return r ? passcodeFromRow(r) : undefined;
   }
 
   /** The user's passcodes that work now (not revoked, not expired), oldest first; with `all`, every one kept. */
   listOf(user: string, now: number, all = false): PasscodeRow[] {
-    return ((all ? this.st.all.all(user) : this.st.active.all(user, now)) as Row[]).map(fromRow);
+    return ((all ? this.st.all.all(user) : this.st.active.all(user, now)) as Row[]).map(passcodeFromRow);
+  }
+
+  /** Every row of the table, revoked and expired ones too (the daemon's copy). */
+  everyRow(): PasscodeRow[] {
+    return (this.st.every.all() as Row[]).map(passcodeFromRow);
   }
 
   /** Every working passcode of every user (the CLI's listing), at most `limit`. */
   everyActive(now: number, limit = 10_000): PasscodeRow[] {
-    return (this.st.everyActive.all(now, limit) as Row[]).map(fromRow);
+    return (this.st.everyActive.all(now, limit) as Row[]).map(passcodeFromRow);
   }
 
   /** Revokes one passcode; false when it was already revoked (or does not exist). */

@@ -5,6 +5,7 @@
 // it returns, the feed catches up (or loads whole, if it fell behind the purged part) without a restart.
 import type { PgSettings } from '../config/postgresql.js';
 import { LiveCopy, type UserState } from './live-copy.js';
+import { type PasscodeRow, passcodeFromRow } from './passcode-store.js';
 import { type PgDb, loadPgCopy, openPg } from './pg.js';
 
 export interface FeedHooks {
@@ -137,9 +138,10 @@ export class PgFeed {
       const users = [...new Set(rows.map((r) => r['user'] as string))];
       const flags = (await tx.query('SELECT name, mfa_enabled, exempt FROM users WHERE name = ANY($1)', [users])).rows;
       const grants = (await tx.query('SELECT "user", block, id, expires_at FROM grants WHERE "user" = ANY($1) AND revoked_at IS NULL', [users])).rows;
-      const states = new Map<string, { flags: UserState['flags']; grants: { block: string; id: number; expiresAt: number }[] }>(
-        users.map((u): [string, { flags: UserState['flags']; grants: { block: string; id: number; expiresAt: number }[] }] => [u, { flags: undefined, grants: [] }]),
-      );
+      const passcodes = (await tx.query('SELECT * FROM passcodes WHERE "user" = ANY($1)', [users])).rows.map(passcodeFromRow);
+      type State = { flags: UserState['flags']; grants: { block: string; id: number; expiresAt: number }[]; passcodes: PasscodeRow[] };
+      const states = new Map<string, State>(users.map((u): [string, State] => [u, { flags: undefined, grants: [], passcodes: [] }]));
+      for (const p of passcodes) states.get(p.user)?.passcodes.push(p);
       for (const f of flags) {
         const st = states.get(f['name'] as string);
         if (st && (f['mfa_enabled'] === 1 || f['exempt'] === 1)) st.flags = { mfaEnabled: f['mfa_enabled'] === 1, exempt: f['exempt'] === 1 };

@@ -5,6 +5,7 @@ import { MIGRATIONS, SCHEMA_VERSION } from './migrations.js';
 import { PgDb, type Queryable } from './pg-client.js';
 import { StoreError } from './sqlite-file.js';
 import type { LiveCopy } from './live-copy.js';
+import { passcodeFromRow } from './passcode-store.js';
 import type { Store } from './store.js';
 
 export { PgDb } from './pg-client.js';
@@ -158,7 +159,8 @@ export async function loadPgCopy(db: PgDb, copy: LiveCopy, now: number): Promise
     const latest = (await tx.query('SELECT coalesce(max(id), 0) AS id FROM changes')).rows[0];
     const users = (await tx.query('SELECT name, mfa_enabled, exempt FROM users WHERE mfa_enabled = 1 OR exempt = 1', [], true)).rows;
     const grants = (await tx.query('SELECT "user", block, id, expires_at FROM grants WHERE revoked_at IS NULL AND expires_at > $1 ORDER BY "user"', [now], true)).rows;
-    copy.replaceAll(users as unknown as unknown[][], grants as unknown as unknown[][], (latest?.['id'] as number | undefined) ?? 0, now);
+    const passcodes = (await tx.query('SELECT * FROM passcodes')).rows.map(passcodeFromRow);
+    copy.replaceAll(users as unknown as unknown[][], grants as unknown as unknown[][], passcodes, (latest?.['id'] as number | undefined) ?? 0, now);
   }, 'ISOLATION LEVEL REPEATABLE READ READ ONLY');
 }
 

@@ -270,7 +270,7 @@ export class Store implements Facts {
     const u = this.st.userFlags.get(user) as { mfa_enabled: number; exempt: number } | undefined;
     const flags = u && (u.mfa_enabled === 1 || u.exempt === 1) ? { mfaEnabled: u.mfa_enabled === 1, exempt: u.exempt === 1 } : undefined;
     const grants = (this.st.userGrants.all(user) as Row[]).map((r) => ({ block: r['block'] as string, id: r['id'] as number, expiresAt: r['expires_at'] as number }));
-    return { flags, grants };
+    return { flags, grants, passcodes: this.passcodes.listOf(user, 0, true) };
   }
 
   /** Deletes changes written before `before`, noting how far (a copy further behind than that reloads whole). */
@@ -316,7 +316,7 @@ export class Store implements Facts {
       .transaction(() => {
         const latest = this.latestChange();
         const users = this.st.flaggedUsers.iterate() as IterableIterator<unknown[]>;
-        copy.replaceAll(users, this.st.activeGrants.iterate(now) as IterableIterator<unknown[]>, latest, now);
+        copy.replaceAll(users, this.st.activeGrants.iterate(now) as IterableIterator<unknown[]>, this.passcodes.everyRow(), latest, now);
       })
       .deferred();
   }

@@ -121,10 +121,10 @@ t.test('loaded at start: flagged users and active grants only; expired ones are 
   s.recordLogins([{ user: 'plain', ip: '203.0.113.9', protocol: 'imap', success: true, policyReject: false, at: T0 }]);
   const later = T0 + 2 * HOUR;
   const copy = s.liveCopy(() => later);
-  t.same(copy.size(), { flaggedUsers: 2, grants: 25 }, 'two flagged users; the 25 grants still active two hours on');
+  t.same(copy.size(), { flaggedUsers: 2, grants: 25, passcodes: 0 }, 'two flagged users; the 25 grants still active two hours on');
   t.same(answers(copy, later), answers(s, later));
   t.equal(copy.sweep(T0 + 11 * HOUR), 25, 'a sweep forgets the grants that ran out since');
-  t.same(copy.size(), { flaggedUsers: 2, grants: 0 });
+  t.same(copy.size(), { flaggedUsers: 2, grants: 0, passcodes: 0 });
 });
 
 t.test('a copy further behind than the purged feed loads whole, and answers right', async (t) => {
@@ -198,4 +198,30 @@ t.test('the feed is written by the schema itself: a writer that knows nothing of
   db.close();
   t.equal(s.latestChange(), before, 'a column decisions do not read changes nothing');
   t.same(copy.lookup('dave', '203.0.113.1', T0), { user: { mfaEnabled: true, exempt: false }, grant: undefined });
+});
+
+t.test('passcodes: made, revoked and purged by another connection are seen by the very next check', async (t) => {
+  const file = path.join(dir, 'passcodes.db');
+  const s = Store.open(file, { create: true });
+  const cli = Store.open(file);
+  t.teardown(() => {
+    s.close();
+    cli.close();
+  });
+  const row = (selector: string, user = 'erin') => ({ user, name: 'phone', selector, salt: Buffer.alloc(16, 1), hash: Buffer.alloc(32, 2), kdf: 'scrypt:n=4096,r=8,p=1', protocols: ['imap'], createdBy: 'web', expiresAt: null, now: T0 });
+  const kept = s.passcodes.insert(row('aaaaa'));
+  const copy = s.liveCopy(() => T0);
+  t.match(copy.bySelector('aaaaa'), { id: kept, user: 'erin', revokedAt: null }, 'loaded at start');
+  const made = cli.passcodes.insert(row('bbbbb'));
+  t.match(copy.byId(made), { selector: 'bbbbb', protocols: ['imap'] }, 'one made elsewhere is there at the next read');
+  cli.passcodes.revoke(made, 'cli:helpdesk', T0);
+  t.match(copy.bySelector('bbbbb'), { id: made, revokedBy: 'cli:helpdesk' }, 'revoked: still known, so a check can say why it fails');
+  t.same(copy.size().passcodes, 2);
+  cli.db.transaction(() => cli.passcodes.purge(T0 + 1)).immediate();
+  t.equal(copy.byId(made), undefined, 'purged: gone');
+  t.ok(copy.byId(kept), 'the other one stays');
+  // Uses are not changes: recording one costs the copy nothing.
+  const before = s.latestChange();
+  cli.db.transaction(() => cli.passcodes.recordUses([{ id: kept, at: T0, ip: '203.0.113.1', protocol: 'imap' }])).immediate();
+  t.equal(s.latestChange(), before);
 });

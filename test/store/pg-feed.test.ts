@@ -73,6 +73,17 @@ t.test('a change made through one node reaches the other node\'s copy within 1 s
   latencies.sort((x, y) => x - y);
   t.pass(`20 revokes through A refused on B within 1 s (median ${latencies[10]?.toFixed(1)} ms, slowest ${latencies[19]?.toFixed(1)} ms)`);
   t.equal(a.copy.lookup('alice', '198.51.100.3', Date.now()).grant, undefined, 'and on A');
+  // An app passcode made through A: B's passcode checks find it, and its revoke.
+  const p = (
+    await sqlA.query(
+      `INSERT INTO passcodes ("user", name, selector, salt, hash, kdf, protocols, created_at, created_by) VALUES ('alice', 'phone', 'qwert', $1, $2, 'scrypt:n=4096,r=8,p=1', 'imap,smtp', $3, 'web') RETURNING id`,
+      [Buffer.alloc(16, 1), Buffer.alloc(32, 2), Date.now()],
+    )
+  ).rows[0]?.['id'] as number;
+  await until('B knows the passcode', () => b.copy.bySelector('qwert')?.id === p);
+  t.match(b.copy.byId(p), { user: 'alice', protocols: ['imap', 'smtp'], salt: Buffer.alloc(16, 1), revokedAt: null });
+  await sqlA.query("UPDATE passcodes SET revoked_at = $1, revoked_by = 'cli:helpdesk' WHERE id = $2", [Date.now(), p]);
+  await until('B knows it is revoked', () => b.copy.byId(p)?.revokedAt !== null);
 
   // Without notifications (a feed that never listens): the poll by id alone brings the change, within its period.
   const deaf = new PgFeed(settings(), {}, { pollMs: 200 });
