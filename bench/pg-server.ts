@@ -101,7 +101,32 @@ function server(bin: string, dir: string, data: string, port: number, passwordFi
   return pg;
 }
 
-export async function startPostgres(): Promise<PgServer> {
+/**
+ * TLS for a server: a CA of its own (ca.crt, what a client's ca_file names), a certificate for 127.0.0.1 signed by
+ * it, and a second CA that signed nothing (other-ca.crt, a wrong one), made with openssl in `dir`.
+ */
+function makeCertificates(dir: string): void {
+  const ssl = (...args: string[]) => {
+    const r = spawnSync('openssl', args, { cwd: dir, encoding: 'utf8' });
+    if (r.status !== 0) throw new Error(`postgres helper: openssl ${args[0]} failed: ${r.stderr}`);
+  };
+  for (const ca of ['ca', 'other-ca']) {
+    ssl('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2', '-subj', `/CN=mfagate test ${ca}`, '-keyout', `${ca}.key`, '-out', `${ca}.crt`);
+  }
+  ssl('req', '-newkey', 'rsa:2048', '-nodes', '-subj', '/CN=127.0.0.1', '-keyout', 'server.key', '-out', 'server.csr');
+  fs.writeFileSync(path.join(dir, 'san.ext'), 'subjectAltName = IP:127.0.0.1\n');
+  ssl('x509', '-req', '-in', 'server.csr', '-CA', 'ca.crt', '-CAkey', 'ca.key', '-CAcreateserial', '-days', '2', '-extfile', 'san.ext', '-out', 'server.crt');
+  spawnSync('chown', [PG_USER, path.join(dir, 'server.key'), path.join(dir, 'server.crt')]);
+  fs.chmodSync(path.join(dir, 'server.key'), 0o600);
+}
+
+/** A primary with TLS on (hostssl only: plain TCP is refused), and the CA files a client would name. */
+export async function startPostgresTls(): Promise<PgServer & { caFile: string; otherCaFile: string }> {
+  const pg = await startPostgres({ tls: true });
+  return Object.assign(pg, { caFile: path.join(pg.dir, 'ca.crt'), otherCaFile: path.join(pg.dir, 'other-ca.crt') });
+}
+
+export async function startPostgres(o: { tls?: boolean } = {}): Promise<PgServer> {
   if (process.getuid?.() !== 0) throw new Error('postgres helper: run the suite as root (it starts PostgreSQL as the postgres user)');
   const bin = pgBinDir();
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mfagate-pg-'));
@@ -113,6 +138,13 @@ export async function startPostgres(): Promise<PgServer> {
   fs.writeFileSync(passwordFile, `${password}\n`, { mode: 0o600 });
   spawnSync('chown', [PG_USER, dir]);
   run(path.join(bin, 'initdb'), ['-D', data, '-U', 'postgres', '--auth-local=trust', '--auth-host=scram-sha-256', '-E', 'UTF8', '--locale=C.UTF-8']);
+  if (o.tls) {
+    makeCertificates(dir);
+    fs.appendFileSync(path.join(data, 'postgresql.conf'), `ssl = on\nssl_cert_file = '${dir}/server.crt'\nssl_key_file = '${dir}/server.key'\n`);
+    // Only TLS over TCP: a client that does not ask for it is refused.
+    const hba = path.join(data, 'pg_hba.conf');
+    fs.writeFileSync(hba, fs.readFileSync(hba, 'utf8').replace(/^host(\s)/gm, 'hostssl$1'));
+  }
   fs.appendFileSync(
     path.join(data, 'postgresql.conf'),
     `listen_addresses = '127.0.0.1'\nport = ${port}\nunix_socket_directories = '${dir}'\nfsync = off\n` +

@@ -13,7 +13,7 @@ import { MIGRATIONS, SCHEMA_VERSION } from '../../store/migrations.js';
 import { type PgDb, loadPgCopy, openPg } from '../../store/pg.js';
 import { Store } from '../../store/store.js';
 import { CLI, cli, tempDir } from '../helpers/daemon.js';
-import { type PgServer, startPostgres } from '../helpers/postgres.js';
+import { type PgServer, startPostgres, startPostgresTls } from '../helpers/postgres.js';
 
 const HOUR = 3_600_000;
 const dir = tempDir('mfagate-pgtest-');
@@ -256,4 +256,25 @@ t.test('a database that cannot be reached: db migrate says which and why, and ex
   t.match(r.stderr, /PostgreSQL at postgresql:\/\/mfagate@127\.0\.0\.1:1\/mfagate: .*(ECONNREFUSED|connect)/);
   // An unused SQLite file is never made for a PostgreSQL configuration.
   t.notOk(fs.existsSync(path.join(dir, 'var')), 'no SQLite file appeared');
+});
+
+t.test('TLS: verify-full with the site\'s CA connects; another CA, or no TLS, is refused; require encrypts only', async (t) => {
+  const tls = await startPostgresTls();
+  t.teardown(() => tls.destroy());
+  const attempt = async (mode: 'disable' | 'require' | 'verify-full', caFile?: string) => {
+    const db = openPg({ url: tls.url, passwordFile: tls.passwordFile, tls: mode, caFile });
+    try {
+      const r = (await db.query('SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()')).rows[0];
+      return r?.['ssl'] === true ? 'tls' : 'plain';
+    } catch (e) {
+      return `refused: ${(e as Error).message}`;
+    } finally {
+      await db.end();
+    }
+  };
+  t.equal(await attempt('verify-full', tls.caFile), 'tls', 'verify-full with the CA that signed the certificate');
+  t.match(await attempt('verify-full', tls.otherCaFile), /^refused: .*(self[- ]signed|unable to verify|certificate)/i, 'verify-full with another CA: refused');
+  t.match(await attempt('verify-full'), /^refused: /, 'verify-full with the system CAs (which did not sign it): refused');
+  t.equal(await attempt('require'), 'tls', 'require: encrypted, whatever the certificate');
+  t.match(await attempt('disable'), /^refused: .*(no pg_hba\.conf entry|SSL off|encryption)/i, 'disable: the server wants TLS, so it refuses');
 });
