@@ -101,6 +101,17 @@ export async function copyToPg(store: Store, db: PgDb, batch = 1000): Promise<Co
   if (version !== store.schemaVersion) {
     throw new StoreError(`the database is at schema version ${version}, the store at ${store.schemaVersion}: run "mfagate db migrate" on both first`);
   }
+  // One read snapshot of the store for all tables, so a daemon still writing it cannot make the copy
+  // inconsistent between them (WAL: the writer goes on meanwhile).
+  store.db.exec('BEGIN DEFERRED');
+  try {
+    return await copyTables(store, db, batch);
+  } finally {
+    store.db.exec('COMMIT');
+  }
+}
+
+async function copyTables(store: Store, db: PgDb, batch: number): Promise<CopyReport[]> {
   return db.begin(async (tx) => {
     const reports: CopyReport[] = [];
     for (const { table, key, identity } of COPIED) {
