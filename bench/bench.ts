@@ -16,7 +16,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { runBench, writeSection } from './report.js';
+import { int, runBench, writeSection } from './report.js';
 import { type Child, cpuSeconds, envNumber, machine, scratchDir, start, statusKb } from './proc.js';
 import { type LoadResult, type ReplyReader, type Target, httpReader, percentileMs, postfixReader, runLoad } from './load.js';
 import { GRANTS_PER_USER, dovecotRequest, fillStore, postfixRequest, requestMix } from './workload.js';
@@ -94,7 +94,6 @@ interface Row {
 const ms = (v: number) => (v < 10 ? v.toFixed(2) : v.toFixed(1));
 const mib = (kb: number) => `${(kb / 1024).toFixed(0)} MiB`;
 const pct = (v: number) => `${(v * 100).toFixed(0)} %`;
-const int = (v: number) => Math.round(v).toLocaleString('en-US');
 const loadName = (l: LoadKind) => (l === 'saturated' ? `${CONNECTIONS} conns, closed loop` : `${int(PACED_RATE)} req/s paced`);
 
 function figures(r: Run) {

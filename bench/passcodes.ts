@@ -25,7 +25,7 @@ import { createLogger } from '../daemon/log.js';
 import { PASSCODE_ALPHABET, PasscodeService, SCRYPT } from '../mfa/passcodes.js';
 import { Store } from '../store/store.js';
 import { type LoadResult, type Verdict, httpReader, percentileMs, runLoad } from './load.js';
-import { runBench, writeSection } from './report.js';
+import { int, runBench, writeSection } from './report.js';
 import { type Child, cpuSeconds, envNumber, machine, scratchDir, start, statusKb } from './proc.js';
 import { dovecotRequest, fillStore, requestMix, userName } from './workload.js';
 
@@ -48,7 +48,6 @@ const FILLER = 20_000;
 const API_KEY = 'bench-api-key-0123456789abcdef';
 
 const { dir, cleanup } = scratchDir('mfagate-bench-passcodes-');
-const int = (v: number) => Math.round(v).toLocaleString('en-US');
 const ms = (v: number) => (v < 10 ? v.toFixed(2) : v.toFixed(1));
 
 function passcodeRequest(user: string, passcode: string, ip: string, host: string): Buffer {

@@ -4,9 +4,9 @@
 // `.ci/run` installs them.
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { freePort } from './proc.js';
 
 export interface PgServer {
   /** The data directory's parent: logs, sockets and the password file live here too. */
@@ -41,17 +41,6 @@ function run(cmd: string, args: string[], opts: { input?: string } = {}): string
   const r = spawnSync('runuser', ['-u', PG_USER, '--', cmd, ...args], { encoding: 'utf8', input: opts.input, timeout: 60_000 });
   if (r.status !== 0) throw new Error(`postgres helper: ${path.basename(cmd)} ${args.join(' ')} failed (exit ${r.status}): ${r.stdout}${r.stderr}`);
   return r.stdout;
-}
-
-export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const a = s.address();
-      s.close(() => (typeof a === 'object' && a ? resolve(a.port) : reject(new Error('no port'))));
-    });
-  });
 }
 
 /**

@@ -12,7 +12,7 @@ import { migratePg, openPg } from '../store/pg.js';
 import { PgFeed } from '../store/pg-feed.js';
 import { type PgServer, startPostgres } from './pg-server.js';
 import { envNumber, machine } from './proc.js';
-import { runBench, writeSection } from './report.js';
+import { int, runBench, writeSection } from './report.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const REPORT = path.join(ROOT, 'BENCHMARKS.md');
@@ -22,7 +22,6 @@ const WRITE = process.env['BENCH_WRITE'] !== '0';
 const HOUR = 3_600_000;
 
 const out = (s: string) => process.stdout.write(s + '\n');
-const int = (n: number) => Math.round(n).toLocaleString('en-US');
 const pct = (sorted: number[], q: number) => sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(q * sorted.length) - 1))] ?? NaN;
 const rssMiB = () => process.memoryUsage().rss / 2 ** 20;
 

@@ -2,6 +2,7 @@
 // its ready line, its CPU seconds and peak memory, and a description of the machine for the report.
 import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import Database from 'better-sqlite3';
@@ -131,4 +132,17 @@ function fsTypeOf(dir: string): string {
   } catch {
     return 'unknown';
   }
+}
+
+/** A TCP port free on `host` now (the kernel's pick; a parallel process may still take it before it is bound). */
+export function freePort(host = '127.0.0.1'): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.once('error', reject);
+    s.listen(0, host, () => {
+      const a = s.address();
+      const port = typeof a === 'object' && a ? a.port : 0;
+      s.close(() => resolve(port));
+    });
+  });
 }

@@ -16,6 +16,9 @@ export function writeSection(file: string, start: string, end: string, section: 
   fs.writeFileSync(file, text);
 }
 
+/** A count as the report writes it: 12,345. */
+export const int = (v: number): string => Math.round(v).toLocaleString('en-US');
+
 /** Runs a benchmark's main: exit 0 when it finished, 1 with the error; `cleanup` either way. */
 export function runBench(main: () => Promise<void>, cleanup: () => void): void {
   main().then(

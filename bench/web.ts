@@ -19,7 +19,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { type LoadResult, type Verdict, httpReader, percentileMs, runLoad } from './load.js';
-import { runBench, writeSection } from './report.js';
+import { int, runBench, writeSection } from './report.js';
 import { type Child, cpuSeconds, envNumber, machine, scratchDir, start, statusKb } from './proc.js';
 import { fillStore, userName } from './workload.js';
 
@@ -133,7 +133,6 @@ async function measure(name: string, d: Child, port: number, payloads: Buffer[],
   return { name, load, serverCpu: (cpu1 - cpu0) / load.seconds, rssKb: statusKb(d.pid, 'VmRSS') };
 }
 
-const int = (v: number) => Math.round(v).toLocaleString('en-US');
 const ms = (v: number) => (v < 10 ? v.toFixed(2) : v.toFixed(1));
 const mib = (kb: number) => `${(kb / 1024).toFixed(0)} MiB`;
 

@@ -12,6 +12,8 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { freePort as freePortOn } from '../../bench/proc.js';
+import { forEachOrphan, markOwned, stopAtExit } from './owned-dirs.js';
 import { policyAttributes } from '../../cli/setup.js';
 
 export interface MailStackOptions {
@@ -211,17 +213,8 @@ function idOf(flag: '-u' | '-g', user: string): number {
   return n;
 }
 
-export function freePort(host = HOST): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen(0, host, () => {
-      const a = s.address();
-      const port = typeof a === 'object' && a ? a.port : 0;
-      s.close(() => resolve(port));
-    });
-  });
-}
+/** A free port on the stacks' loopback address (see bench/proc.ts). */
+export const freePort = (host = HOST): Promise<number> => freePortOn(host);
 
 async function freePorts(n: number): Promise<number[]> {
   const ports = new Set<number>();
@@ -603,64 +596,26 @@ async function postfixDiagnosis(bin: Binaries, confDir: string): Promise<string>
 // ---------------------------------------------------------------------------------------------------------------
 // Clean-up of stacks a test forgot to stop (or when the test process dies on an uncaught error).
 
-const live = new Set<{ emergencyStop(): void }>();
-let exitHookInstalled = false;
-function installExitHook(): void {
-  if (exitHookInstalled) return;
-  exitHookInstalled = true;
-  process.on('exit', () => {
-    for (const s of live) s.emergencyStop();
-  });
-}
-
-/** "PID STARTTIME" of this process, written into each stack's dir so a later run can tell whether its owner died. */
-function procStart(pid: number): string | undefined {
-  const stat = readText(`/proc/${pid}/stat`);
-  return stat ? stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19] : undefined;
-}
-const OWNER = `${process.pid} ${procStart(process.pid) ?? ''}`;
-
 /**
- * Stops the servers of stacks whose test process died without stopping them (killed by a signal or a timeout,
- * where no exit hook runs) and removes their dirs (unless kept with MAILSTACK_KEEP=1). Only masters whose working
- * directory is inside such a dir are signalled: those are processes this harness started.
+ * Stops the servers of stacks whose test process died without stopping them and removes their dirs (unless kept
+ * with MAILSTACK_KEEP=1). Only masters whose working directory is inside such a dir are signalled: those are
+ * processes this harness started.
  */
 function reapOrphans(): void {
-  const tmp = os.tmpdir();
-  let names: string[] = [];
-  try {
-    names = fs.readdirSync(tmp).filter((n) => n.startsWith(DIR_PREFIX));
-  } catch {
-    return;
-  }
-  for (const name of names) {
-    const dir = path.join(tmp, name);
-    try {
-      const st = fs.statSync(dir);
-      if (!st.isDirectory()) continue;
-      const [pid, start] = readText(path.join(dir, 'owner')).trim().split(' ');
-      const ownerPid = Number(pid);
-      if (pid === undefined || !Number.isInteger(ownerPid) || ownerPid <= 0) {
-        if (Date.now() - st.mtimeMs < 60_000) continue; // being created right now
-      } else if (alive(ownerPid) && procStart(ownerPid) === start) {
+  forEachOrphan(DIR_PREFIX, (dir) => {
+    for (const f of ['run/master.pid', 'queue/pid/master.pid']) {
+      const mpid = readPid(path.join(dir, f));
+      if (!mpid || !alive(mpid)) continue;
+      let cwd = '';
+      try {
+        cwd = fs.readlinkSync(`/proc/${mpid}/cwd`);
+      } catch {
         continue;
       }
-      for (const f of ['run/master.pid', 'queue/pid/master.pid']) {
-        const mpid = readPid(path.join(dir, f));
-        if (!mpid || !alive(mpid)) continue;
-        let cwd = '';
-        try {
-          cwd = fs.readlinkSync(`/proc/${mpid}/cwd`);
-        } catch {
-          continue;
-        }
-        if (cwd.startsWith(`${dir}/`)) signalDaemon(mpid, 'SIGKILL');
-      }
-      if (!fs.existsSync(path.join(dir, 'keep'))) fs.rmSync(dir, { recursive: true, force: true });
-    } catch {
-      // another process is reaping it too
+      if (cwd.startsWith(`${dir}/`)) signalDaemon(mpid, 'SIGKILL');
     }
-  }
+    if (!fs.existsSync(path.join(dir, 'keep'))) fs.rmSync(dir, { recursive: true, force: true });
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -704,7 +659,7 @@ export async function startMailStack(opts: MailStackOptions): Promise<MailStack>
 async function startOnce(bin: Binaries, opts: MailStackOptions): Promise<MailStack> {
   reapOrphans();
   const dir = fs.realpathSync(fs.mkdtempSync(path.join(os.tmpdir(), DIR_PREFIX)));
-  fs.writeFileSync(path.join(dir, 'owner'), OWNER);
+  markOwned(dir);
   if (KEEP) fs.writeFileSync(path.join(dir, 'keep'), '');
   fs.chmodSync(dir, 0o755);
   const confDir = path.join(dir, 'conf');
@@ -812,15 +767,14 @@ async function startOnce(bin: Binaries, opts: MailStackOptions): Promise<MailSta
           problems.push(String(err));
         }
       }
-      live.delete(entry);
+      forget();
       if (!KEEP) fs.rmSync(dir, { recursive: true, force: true });
       if (problems.length > 0) throw new Error(`mailstack: stop had problems:\n${problems.join('\n')}`);
     })();
     return stopped;
   };
 
-  installExitHook();
-  live.add(entry);
+  const forget = stopAtExit(entry);
   const deadline = () => Date.now() + (opts.startTimeoutMs ?? 20_000);
   try {
     await editDefaultMainCf(bin, confDir, 'add');

@@ -1,2 +1,2 @@
 // A real PostgreSQL for one test: see bench/pg-server.ts (the benchmarks start one the same way).
-export { type PgServer, freePort, pgBinDir, startPostgres, startPostgresTls, startStandby } from '../../bench/pg-server.js';
+export { type PgServer, pgBinDir, startPostgres, startPostgresTls, startStandby } from '../../bench/pg-server.js';

@@ -27,6 +27,7 @@ import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import { MAIL_DOMAIN, freePort } from './mailstack.js';
+import { forEachOrphan, markOwned, stopAtExit } from './owned-dirs.js';
 
 export interface RoundcubeOptions {
   /** Dovecot IMAP on 127.0.0.1. */
@@ -301,84 +302,39 @@ async function waitGroupGone(pgid: number, ms: number): Promise<boolean> {
   return groupMembers(pgid).length === 0;
 }
 
-function procStart(pid: number): string | undefined {
-  const stat = readText(`/proc/${pid}/stat`);
-  return stat ? stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19] : undefined;
-}
-const OWNER = `${process.pid} ${procStart(process.pid) ?? ''}`;
-
-/** Whether the test process that made a tree still runs (a zombie does not: some inits reap only now and then). */
-function ownerAlive(dir: string): boolean {
-  const [pid, start] = readText(path.join(dir, 'owner')).trim().split(' ');
-  const n = Number(pid);
-  if (!Number.isInteger(n) || n <= 0) return false;
-  const stat = readText(`/proc/${n}/stat`);
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return stat !== '' && fields[0] !== 'Z' && fields[19] === start;
-}
-
 /**
- * Stops the PHP servers of trees whose test process died without stopping them (killed by a signal or tap's
- * timeout, where no exit hook runs) and removes those trees. Only processes whose working directory is such a
- * tree are killed: php -S is started there, so those are servers this harness started.
+ * Stops the PHP servers of trees whose test process died without stopping them, and removes those trees (not
+ * one kept with "keep"). Only processes whose working directory is such a tree are killed: php -S is started
+ * there, so those are servers this harness started.
  */
 function reapOrphans(): void {
-  const tmp = os.tmpdir();
-  let names: string[] = [];
-  try {
-    names = fs.readdirSync(tmp).filter((n) => n.startsWith(DIR_PREFIX));
-  } catch {
-    return;
-  }
-  for (const name of names) {
-    const dir = path.join(tmp, name);
-    try {
-      const st = fs.statSync(dir);
-      if (!st.isDirectory() || fs.existsSync(path.join(dir, 'keep'))) continue;
-      if (!fs.existsSync(path.join(dir, 'owner'))) {
-        if (Date.now() - st.mtimeMs < 60_000) continue; // being created right now
-      } else if (ownerAlive(dir)) {
-        continue;
-      }
-      const pgid = Number(readText(path.join(dir, 'php.pid')).trim());
-      if (Number.isInteger(pgid) && pgid > 1) {
-        const ours = groupMembers(pgid).filter((pid) => {
+  forEachOrphan(DIR_PREFIX, (dir) => {
+    if (fs.existsSync(path.join(dir, 'keep'))) return;
+    const pgid = Number(readText(path.join(dir, 'php.pid')).trim());
+    if (Number.isInteger(pgid) && pgid > 1) {
+      const ours = groupMembers(pgid).filter((pid) => {
+        try {
+          return fs.readlinkSync(`/proc/${pid}/cwd`) === dir;
+        } catch {
+          return false;
+        }
+      });
+      // As in stop(): SIGINT for a clean shutdown, SIGKILL for whatever still runs a second later.
+      const signal = (sig: NodeJS.Signals) => {
+        for (const pid of groupMembers(pgid).filter((p) => ours.includes(p))) {
           try {
-            return fs.readlinkSync(`/proc/${pid}/cwd`) === dir;
+            process.kill(pid, sig);
           } catch {
-            return false;
+            // gone
           }
-        });
-        // As in stop(): SIGINT for a clean shutdown, SIGKILL for whatever still runs a second later.
-        const signal = (sig: NodeJS.Signals) => {
-          for (const pid of groupMembers(pgid).filter((p) => ours.includes(p))) {
-            try {
-              process.kill(pid, sig);
-            } catch {
-              // gone
-            }
-          }
-        };
-        signal('SIGINT');
-        const end = Date.now() + 1000;
-        while (Date.now() < end && groupMembers(pgid).some((pid) => ours.includes(pid))) sleepSync(20);
-        signal('SIGKILL');
-      }
-      fs.rmSync(dir, { recursive: true, force: true });
-    } catch {
-      // another process is reaping it too
+        }
+      };
+      signal('SIGINT');
+      const end = Date.now() + 1000;
+      while (Date.now() < end && groupMembers(pgid).some((pid) => ours.includes(pid))) sleepSync(20);
+      signal('SIGKILL');
     }
-  }
-}
-
-const live = new Set<{ emergencyStop(): void }>();
-let exitHookInstalled = false;
-/** As in mailstack.ts: servers a test forgot to stop (or an uncaught error) are killed when the process exits. */
-function installExitHook(): void {
-  if (exitHookInstalled) return;
-  exitHookInstalled = true;
-  process.on('exit', () => {
-    for (const s of live) s.emergencyStop();
+    fs.rmSync(dir, { recursive: true, force: true });
   });
 }
 
@@ -512,7 +468,7 @@ export async function startRoundcube(o: RoundcubeOptions): Promise<Roundcube> {
 async function startOnce(php: Php, o: RoundcubeOptions): Promise<Roundcube> {
   reapOrphans();
   const dir = fs.realpathSync(fs.mkdtempSync(path.join(os.tmpdir(), DIR_PREFIX)));
-  fs.writeFileSync(path.join(dir, 'owner'), OWNER);
+  markOwned(dir);
   if (KEEP) fs.writeFileSync(path.join(dir, 'keep'), '');
   const serverLog = path.join(dir, 'php-server.log');
   const logsDir = path.join(dir, 'logs');
@@ -579,14 +535,13 @@ async function startOnce(php: Php, o: RoundcubeOptions): Promise<Roundcube> {
         }
       }
       logs();
-      live.delete(entry);
+      forget();
       if (!KEEP) fs.rmSync(dir, { recursive: true, force: true });
       if (problem) throw new Error(problem);
     })();
     return stopped;
   };
-  installExitHook();
-  live.add(entry);
+  const forget = stopAtExit(entry);
 
   try {
     const configText = renderConfig(baseSettings(dir, o), o.config ?? {});
