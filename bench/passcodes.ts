@@ -168,20 +168,21 @@ async function main(): Promise<void> {
     const store = Store.open(storeFile, { create: false, migrate: true });
     try {
       const config = loadConfig(configFile);
-      const service = new PasscodeService({ store, config: () => config, logger: createLogger('error', { write: () => undefined }) });
+      const records = store.records;
+      const service = new PasscodeService({ store: records, config: () => config, logger: createLogger('error', { write: () => undefined }) });
       const letters = (n: number) => Array.from({ length: n }, () => PASSCODE_ALPHABET[crypto.randomInt(PASSCODE_ALPHABET.length)]).join('');
-      store.db
-        .transaction(() => {
-          const now = Date.now();
-          for (let i = 0; i < FILLER; i++) {
-            const selector = letters(5);
-            if (store.passcodes.selectorTaken(selector)) continue;
-            store.passcodes.insert({ user: userName(WITH_PASSCODE + (i % (USERS - WITH_PASSCODE))), name: 'filler', selector, salt: crypto.randomBytes(16), hash: crypto.randomBytes(32), kdf: 'scrypt:n=4096,r=8,p=1', protocols: ['imap'], createdBy: 'bench', expiresAt: null, now });
-          }
-        })
-        .immediate();
+      await records.tx(async () => {
+        const now = Date.now();
+        for (let i = 0; i < FILLER; i++) {
+          const selector = letters(5);
+          if (await records.passcodes.selectorTaken(selector)) continue;
+          await records.passcodes.insert({ user: userName(WITH_PASSCODE + (i % (USERS - WITH_PASSCODE))), name: 'filler', selector, salt: crypto.randomBytes(16), hash: crypto.randomBytes(32), kdf: 'scrypt:n=4096,r=8,p=1', protocols: ['imap'], createdBy: 'bench', expiresAt: null, now });
+        }
+      });
       const made = await Promise.all(Array.from({ length: WITH_PASSCODE }, (_, i) => service.prepare(userName(i), 'bench phone', ['imap', 'smtp'], undefined, 'bench')));
-      store.db.transaction(() => made.forEach((p) => p.insert())).immediate();
+      await records.tx(async () => {
+        for (const p of made) await p.insert();
+      });
       made.forEach((p, i) => passcodes.push({ user: userName(i), passcode: p.passcode }));
     } finally {
       store.close();

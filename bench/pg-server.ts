@@ -54,7 +54,8 @@ export async function startStandby(primary: PgServer): Promise<PgServer> {
   spawnSync('chown', [PG_USER, dir]);
   const data = path.join(dir, 'data');
   const port = await freePort();
-  run(path.join(bin, 'pg_basebackup'), ['-D', data, '-R', '-X', 'stream', '-h', primary.dir, '-p', String(primary.port), '-U', 'postgres']);
+  // A fast checkpoint: the default spreads it over minutes, and the backup waits for it.
+  run(path.join(bin, 'pg_basebackup'), ['-D', data, '-R', '-X', 'stream', '-c', 'fast', '-h', primary.dir, '-p', String(primary.port), '-U', 'postgres']);
   fs.appendFileSync(path.join(data, 'postgresql.conf'), `port = ${port}\nunix_socket_directories = '${dir}'\n`);
   return server(bin, dir, data, port, primary.passwordFile);
 }

@@ -3,10 +3,11 @@ import fs from 'node:fs';
 import type { Command } from 'commander';
 import { formatDuration } from '../config/duration.js';
 import { formatEndpoint } from '../config/listen.js';
-import { migrateFile } from '../store/store.js';
+import { readNodeState } from '../store/node-state.js';
+import { Store, StoreError, migrateFile } from '../store/store.js';
 import { type PgSettings, pgUrlProblem } from '../config/postgresql.js';
 import { copyToPg, migratePg, withPg } from '../store/pg.js';
-import { UsageError, configOf, json, out, sqlitePath, withStore, withStoreAsync } from './common.js';
+import { UsageError, configOf, json, out, sqlitePath, withStore } from './common.js';
 import { formatTime } from './format.js';
 
 export function adminCommands(program: Command): void {
@@ -65,34 +66,45 @@ export function adminCommands(program: Command): void {
       if (o.caFile !== undefined && o.tls !== 'verify-full') throw new UsageError('--ca-file: only used with --tls verify-full');
       const target: PgSettings = { url: o.to, passwordFile: o.passwordFile, tls: o.tls, caFile: o.caFile };
       const started = Date.now();
-      const { migrated, tables } = await withStoreAsync(config, (store) =>
-        withPg(target, async (sql) => {
-          const migrated = await migratePg(sql);
-          return { migrated, tables: await copyToPg(store, sql) };
-        }),
-      );
+      const store = Store.open(sqlitePath(config, 'db copy'), { create: false, migrate: true });
+      const { migrated, tables } = await withPg(target, async (sql) => {
+        const migrated = await migratePg(sql);
+        return { migrated, tables: await copyToPg(store, sql) };
+      }).finally(() => store.close());
       if (o.json) return json({ to: o.to, schema_version: migrated.to, tables: Object.fromEntries(tables.map((t) => [t.table, { read: t.read, added: t.added, updated: t.updated }])), ms: Date.now() - started });
       if (migrated.from !== migrated.to) out(`${o.to}: schema version ${migrated.from} -> ${migrated.to}`);
       for (const t of tables) {
         const same = t.read - t.added - t.updated;
         out(`${t.table.padEnd(13)} ${String(t.read).padStart(9)} read, ${String(t.added).padStart(9)} added, ${String(t.updated).padStart(7)} updated${same > 0 ? ` (${same} already the same)` : ''}`);
       }
-      out(`copied ${sqlitePath(config)} to ${o.to} in ${((Date.now() - started) / 1000).toFixed(1)} s`);
+      out(`copied ${store.file} to ${o.to} in ${((Date.now() - started) / 1000).toFixed(1)} s`);
     });
   program
     .command('stats')
     .description('users, MFA enabled, active grants, and the running daemon\'s decisions since it started')
     .option('--json', 'machine-readable output')
-    .action((o: { json?: boolean }, cmd: Command) => {
+    .action(async (o: { json?: boolean }, cmd: Command) => {
       const config = configOf(cmd);
       const now = Date.now();
-      const { counts, daemon } = withStore(config, (s) => ({ counts: s.counts(now), daemon: s.daemonStats() }));
+      // With PostgreSQL this host's daemon keeps its figures in its state file: they are shown even while the
+      // database cannot be reached (the command then exits 1).
+      const pg = config.store.backend === 'postgresql';
+      let storeError: string | undefined;
+      const fromStore = await withStore(config, async (s) => ({ counts: await s.counts(now), daemon: pg ? undefined : await s.daemonStats() })).catch((e: unknown) => {
+        if (!pg || !(e instanceof StoreError)) throw e;
+        storeError = e.message;
+        return undefined;
+      });
+      const counts = fromStore?.counts;
+      const daemon = pg ? readNodeState(config.store.stateFile) : fromStore?.daemon;
+      if (storeError !== undefined) process.exitCode = 1;
       if (o.json) {
         return json({
-          users: counts.users,
-          mfa_enabled: counts.mfaEnabled,
-          exempt: counts.exempt,
-          active_grants: counts.activeGrants,
+          store: { backend: config.store.backend, reachable: storeError === undefined, error: storeError ?? null },
+          users: counts?.users ?? null,
+          mfa_enabled: counts?.mfaEnabled ?? null,
+          exempt: counts?.exempt ?? null,
+          active_grants: counts?.activeGrants ?? null,
           daemon: daemon
             ? {
                 pid: daemon.pid,
@@ -114,11 +126,15 @@ export function adminCommands(program: Command): void {
             : null,
         });
       }
-      out(`users:          ${counts.users}`);
-      out(`MFA enabled:    ${counts.mfaEnabled}`);
-      out(`exempt:         ${counts.exempt}`);
-      out(`active grants:  ${counts.activeGrants}`);
-      if (!daemon) return out('daemon:         never started on this store');
+      if (counts) {
+        out(`users:          ${counts.users}`);
+        out(`MFA enabled:    ${counts.mfaEnabled}`);
+        out(`exempt:         ${counts.exempt}`);
+        out(`active grants:  ${counts.activeGrants}`);
+      } else {
+        out(`store:          CANNOT BE REACHED: ${storeError ?? ''}`);
+      }
+      if (!daemon) return out(pg ? `daemon:         never started on this host (no ${config.store.stateFile})` : 'daemon:         never started on this store');
       out(`daemon:         pid ${daemon.pid}, ${daemon.stoppedAt === null ? 'started' : 'ran from'} ${formatTime(daemon.startedAt)}${daemon.stoppedAt === null ? '' : ' to ' + formatTime(daemon.stoppedAt)}`);
       out(`decisions:      ${daemon.allowed} allowed, ${daemon.refused} refused, ${daemon.logOnly} refusals let through (log-only), ${daemon.badRequests} bad requests (as of ${formatTime(daemon.updatedAt)})`);
       const c = daemon.copy;
@@ -127,7 +143,7 @@ export function adminCommands(program: Command): void {
         out(
           c.error === undefined
             ? `decides from:   a copy in memory of the ${config.store.backend} store (${held}), current as of ${formatTime(c.currentAt)}`
-            : `decides from:   a copy in memory as it was at ${formatTime(c.currentAt)} (${held}): the store cannot be read: ${c.error}`,
+            : `decides from:   a copy in memory as it was at ${formatTime(c.currentAt)}, ${formatDuration(Math.max(0, now - c.currentAt))} ago (${held}): the store cannot be read: ${c.error}`,
         );
       }
     });

@@ -2,6 +2,7 @@
 import type { Command } from 'commander';
 import { policySettings } from '../config/config.js';
 import { passcodeProtocolOf } from '../mfa/passcodes.js';
+import { blockOf } from '../policy/address.js';
 import { decide } from '../policy/decide.js';
 import { describeRule } from '../policy/rules.js';
 import { UsageError, configOf, idArg, ipArg, json, out, running, userArg, withStore } from './common.js';
@@ -17,7 +18,7 @@ export function checkCommand(program: Command): void {
     .option('--real-ip <ip>', 'the TCP peer Dovecot saw, when a webmail host or proxy forwarded the login')
     .option('--passcode <id>', 'the login is made with this app passcode of the user (its number from passcodes list)')
     .option('--json', 'machine-readable output')
-    .action((o: { user: string; ip: string; protocol: string; realIp?: string; passcode?: string; json?: boolean }, cmd: Command) => {
+    .action(async (o: { user: string; ip: string; protocol: string; realIp?: string; passcode?: string; json?: boolean }, cmd: Command) => {
       running.deciding = true;
       const config = configOf(cmd);
       const user = userArg(config, o.user);
@@ -27,12 +28,13 @@ export function checkCommand(program: Command): void {
       const protocol = o.protocol.toLowerCase();
       const passcodeId = o.passcode !== undefined ? idArg(o.passcode, 'a passcode number') : undefined;
       const now = Date.now();
-      const { d, passcodeProblem } = withStore(config, (s) => {
+      const settings = policySettings(config);
+      const { d, passcodeProblem } = await withStore(config, async (s) => {
         // As the daemon judges it: the passcode must be the user's, working, made for this protocol (the Lua
         // passdb refuses it otherwise, and the login goes on with the password).
         let problem: string | undefined;
         if (passcodeId !== undefined) {
-          const row = s.passcodes.byId(passcodeId);
+          const row = await s.passcodes.byId(passcodeId);
           const p = passcodeProtocolOf(protocol);
           if (!config.appPasscodes.enabled) problem = 'app passcodes are off ([app_passcodes] enabled)';
           else if (!row || row.user !== user) problem = `${user} has no app passcode ${passcodeId}`;
@@ -41,7 +43,9 @@ export function checkCommand(program: Command): void {
           else if (p === undefined || !row.protocols.includes(p)) problem = `app passcode ${passcodeId} is not for ${protocol} (it is for ${row.protocols.join(', ')})`;
         }
         const passcode = passcodeId !== undefined && problem === undefined;
-        return { d: decide(policySettings(config), { user, address, realAddress, protocol, now, passcode }, s), passcodeProblem: problem };
+        // The store's facts for the one (user, block) the decision asks about, read now.
+        const facts = await s.lookup(user, blockOf(address, settings.prefixes), now);
+        return { d: decide(settings, { user, address, realAddress, protocol, now, passcode }, { lookup: () => facts }), passcodeProblem: problem };
       });
       if (o.json) {
         json({ user, ip: address.toString(), block: d.block, protocol, result: d.allow ? 'allow' : 'refuse', verdict: d.verdict, rule: d.rule, explanation: describeRule(d.rule), log_only: d.logOnly, untrusted_range: d.untrustedRange, grant: d.grant ? { id: d.grant.id, expires_at: new Date(d.grant.expiresAt).toISOString() } : null, ...(passcodeId !== undefined ? { passcode: passcodeId, passcode_problem: passcodeProblem ?? null } : {}) });

@@ -7,7 +7,8 @@ import { DURATION_EXPECTED, parseDuration } from '../config/duration.js';
 import { parseAddress } from '../policy/address.js';
 import { mfaRequired } from '../policy/decide.js';
 import { isAcceptableUserName, normaliseUser } from '../policy/user.js';
-import { Store } from '../store/store.js';
+import { type OpenedStore, openStore } from '../store/open.js';
+import type { Records } from '../store/records.js';
 
 /** An error the operator caused: printed without a stack, exit code as given. */
 export class UsageError extends Error {
@@ -55,38 +56,23 @@ export function configOf(cmd: Command): Config {
   return loadConfig(locateConfig(opts.config));
 }
 
-/**
- * The SQLite file of the configuration. The PostgreSQL backend so far holds a schema (`db migrate`) and copies
- * (`db copy`); every other command, and the daemon, work on SQLite: say so rather than act on another store.
- */
-export function sqlitePath(config: Config): string {
-  if (config.store.backend !== 'sqlite') {
-    throw new UsageError(
-      `[store] backend = "${config.store.backend}": this version of mfagate serves and manages a SQLite store only; ` +
-        `with PostgreSQL, "mfagate db migrate" and "mfagate db copy" work (docs/scaling.md)`,
-    );
-  }
+/** The SQLite file of the configuration, for the commands that work on a SQLite file as such (db copy). */
+export function sqlitePath(config: Config, what: string): string {
+  if (config.store.backend !== 'sqlite') throw new UsageError(`${what} works on a SQLite store ([store] backend is "${config.store.backend}")`);
   return config.store.path;
 }
 
-export function withStore<T>(config: Config, fn: (store: Store) => T): T {
-  // Never creates one: a command run against a wrong [store] path, or while the file system is not mounted,
-  // must say so instead of working on a new empty store the daemon does not use.
-  const store = Store.open(sqlitePath(config), { create: false, migrate: true });
+/**
+ * Opens the configuration's store (SQLite or PostgreSQL) for one command, runs `fn` on its records, and closes it
+ * when `fn` settles. Never creates one: a command run against a wrong [store] path (or a file system not mounted,
+ * or a database without the schema) must say so instead of working on a new empty store the daemon does not use.
+ */
+export async function withStore<T>(config: Config, fn: (records: Records, store: OpenedStore) => Promise<T>): Promise<T> {
+  const store = await openStore(config, { create: false, migrate: config.store.backend === 'sqlite', applicationName: 'mfagate-cli' });
   try {
-    return fn(store);
+    return await fn(store.records, store);
   } finally {
-    store.close();
-  }
-}
-
-/** withStore for a command that awaits in between (a passcode's hash): the store closes when `fn` settles. */
-export async function withStoreAsync<T>(config: Config, fn: (store: Store) => Promise<T>): Promise<T> {
-  const store = Store.open(sqlitePath(config), { create: false, migrate: true });
-  try {
-    return await fn(store);
-  } finally {
-    store.close();
+    await store.close();
   }
 }
 
@@ -120,8 +106,8 @@ export function requiredNow(config: Config, name: string, mfaEnabled: boolean, e
 }
 
 /** The store's record of a user, or exit 1: the helpdesk commands act on users the store knows. */
-export function knownUser(s: Store, name: string) {
-  const u = s.getUser(name);
+export async function knownUser(s: Records, name: string) {
+  const u = await s.getUser(name);
   if (!u) throw new UsageError(`unknown user "${name}": the store has never seen it (no login, grant or setting yet)`, 1);
   return u;
 }

@@ -46,12 +46,12 @@ export function grantsCommands(program: Command): void {
     .option('--ip <ip>', 'only grants covering this address')
     .option('--all', 'include expired and revoked grants')
     .option('--json', 'machine-readable output')
-    .action((o: { user?: string; ip?: string; all?: boolean; json?: boolean }, cmd: Command) => {
+    .action(async (o: { user?: string; ip?: string; all?: boolean; json?: boolean }, cmd: Command) => {
       const config = configOf(cmd);
       const user = o.user !== undefined ? userArg(config, o.user) : undefined;
       const block = o.ip !== undefined ? blockOf(ipArg(o.ip), blockPrefixes(config)) : undefined;
       const now = Date.now();
-      const rows = withStore(config, (s) => s.listGrants({ user, block, all: o.all === true, now }));
+      const rows = await withStore(config, (s) => s.listGrants({ user, block, all: o.all === true, now }));
       if (o.json) return json(rows.map((g) => grantJson(g, now)));
       if (rows.length === 0) return out(o.all ? 'no grants' : 'no active grants');
       out(grantsTable(rows, now));
@@ -64,13 +64,13 @@ export function grantsCommands(program: Command): void {
     .option('--ttl <duration>', 'how long (default: [grants] ttl)')
     .option('--reason <text>', 'why, for the audit log', '')
     .option('--json', 'machine-readable output')
-    .action((o: { user: string; ip: string; ttl?: string; reason: string; json?: boolean }, cmd: Command) => {
+    .action(async (o: { user: string; ip: string; ttl?: string; reason: string; json?: boolean }, cmd: Command) => {
       const config = configOf(cmd);
       const user = userArg(config, o.user);
       const addr = ipArg(o.ip);
       const ttlMs = o.ttl !== undefined ? ttlArg(o.ttl) : config.grants.ttlMs;
       const now = Date.now();
-      const { grant, extended } = withStore(config, (s) =>
+      const { grant, extended } = await withStore(config, (s) =>
         s.addGrant({
           user,
           ip: addr.toString(),
@@ -94,7 +94,7 @@ export function grantsCommands(program: Command): void {
     .option('--ip <ip>', 'the address (its block)')
     .option('--reason <text>', 'why, for the audit log', '')
     .option('--json', 'machine-readable output')
-    .action((o: { id?: string; user?: string; ip?: string; reason: string; json?: boolean }, cmd: Command) => {
+    .action(async (o: { id?: string; user?: string; ip?: string; reason: string; json?: boolean }, cmd: Command) => {
       const config = configOf(cmd);
       if (o.id === undefined && o.user === undefined && o.ip === undefined) {
         throw new UsageError('grants revoke: give --id ID, or --user U [--ip IP], or --ip IP');
@@ -106,7 +106,7 @@ export function grantsCommands(program: Command): void {
       const user = o.user !== undefined ? userArg(config, o.user) : undefined;
       const block = o.ip !== undefined ? blockOf(ipArg(o.ip), blockPrefixes(config)) : undefined;
       const now = Date.now();
-      const revoked = withStore(config, (s) => s.revokeGrants({ id, user, block }, actor(), o.reason, now));
+      const revoked = await withStore(config, (s) => s.revokeGrants({ id, user, block }, actor(), o.reason, now));
       if (o.json) return json(revoked.map((g) => grantJson(g, now)));
       if (revoked.length === 0) return out('no active grant matched: nothing revoked');
       out(`revoked ${revoked.length} grant${revoked.length === 1 ? '' : 's'}:`);

@@ -3,9 +3,9 @@
 import type { Config } from '../config/config.js';
 import { createLogger } from '../daemon/log.js';
 import { createMailer } from '../mfa/mailer.js';
-import { type Secrets, openSecrets } from '../mfa/secrets.js';
+import type { Secrets } from '../mfa/secrets.js';
 import { MfaService, maskAddress } from '../mfa/service.js';
-import type { Store } from '../store/store.js';
+import type { Records } from '../store/records.js';
 
 /** What the store holds about one user's second factors and lock, as `users show` and `users reset` print it. */
 export interface FactorsView {
@@ -27,8 +27,8 @@ export interface LockView {
 
 const iso = (ms: number | null | undefined): string | null => (ms === null || ms === undefined ? null : new Date(ms).toISOString());
 
-export function factorsOf(store: Store, user: string): FactorsView {
-  const f = store.mfa.factors(user);
+export async function factorsOf(store: Records, user: string): Promise<FactorsView> {
+  const f = await store.mfa.factors(user);
   return {
     totp: f?.totpSecret != null,
     totp_since: f?.totpSecret != null ? iso(f.totpConfirmedAt) : null,
@@ -36,15 +36,15 @@ export function factorsOf(store: Store, user: string): FactorsView {
     email: f?.email ? maskAddress(f.email) : null,
     email_since: f?.email ? iso(f.emailVerifiedAt) : null,
     email_pending: f?.emailPending ? maskAddress(f.emailPending) : null,
-    backup_codes_left: store.mfa.backupCodesLeft(user),
+    backup_codes_left: await store.mfa.backupCodesLeft(user),
   };
 }
 
-export function lockOf(store: Store, config: Config, user: string, now: number): LockView {
-  const until = store.mfa.lockedUntil(user);
+export async function lockOf(store: Records, config: Config, user: string, now: number): Promise<LockView> {
+  const until = await store.mfa.lockedUntil(user);
   return {
     locked_until: until !== undefined && until > now ? iso(until) : null,
-    recent_failures: store.mfa.failuresOfUser(user, now - config.lockout.windowMs),
+    recent_failures: await store.mfa.failuresOfUser(user, now - config.lockout.windowMs),
   };
 }
 
@@ -53,13 +53,15 @@ export function hasFactor(f: FactorsView): boolean {
 }
 
 /**
- * The service over an open store, as the daemon builds it. Without `loaded`, the secrets key is read on first
- * use only: `users reset` and `users unlock` never touch it. `totp enroll` passes the key it loaded (and
- * checked) with openSecrets before anything changes.
+ * The service over an open store, as the daemon builds it. Only the commands that seal or open a secret
+ * (`totp enroll`) pass the key, loaded and checked with openSecrets before anything changes: `users reset` and
+ * `users unlock` work without the key file, and a service without it refuses to seal or open anything.
  */
-export function mfaService(config: Config, store: Store, loaded?: Secrets): MfaService {
-  let secrets: Secrets | undefined = loaded;
-  const get = (): Secrets => (secrets ??= openSecrets(config.secrets.keyFile, store));
+export function mfaService(config: Config, store: Records, loaded?: Secrets): MfaService {
+  const get = (): Secrets => {
+    if (!loaded) throw new Error('this command does not load the secrets key');
+    return loaded;
+  };
   return new MfaService({
     store,
     config: () => config,

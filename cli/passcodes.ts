@@ -3,7 +3,7 @@ import type { Command } from 'commander';
 import { PASSCODE_PROTOCOLS } from '../config/config.js';
 import { formatDuration } from '../config/duration.js';
 import { PasscodeError, type PasscodeView, groupPasscode, passcodeView } from '../mfa/passcodes.js';
-import { UsageError, actor, configOf, idArg, json, out, plural, ttlArg, userArg, withStore, withStoreAsync } from './common.js';
+import { UsageError, actor, configOf, idArg, json, out, plural, ttlArg, userArg, withStore } from './common.js';
 import { formatTime, table } from './format.js';
 import { mfaService } from './mfa.js';
 
@@ -59,16 +59,14 @@ export function passcodesCommands(program: Command): void {
       const ttlMs = o.ttl !== undefined ? ttlArg(o.ttl) : undefined;
       const who = actor();
       // The hash is computed (in the thread pool) before the row is written, in one transaction with the user.
-      const made = await withStoreAsync(config, async (s) => {
+      const made = await withStore(config, async (s) => {
         const service = mfaService(config, s).passcodes;
         const { name, protocols: list } = service.parseRequest(o.name, protocols);
         const prepared = await service.prepare(user, name, list, ttlMs, who);
-        const view = s.db
-          .transaction(() => {
-            s.ensureUser(user, Date.now());
-            return prepared.insert();
-          })
-          .immediate();
+        const view = await s.tx(async () => {
+          await s.ensureUser(user, Date.now());
+          return prepared.insert();
+        });
         return { view, passcode: groupPasscode(prepared.passcode) };
       }).catch(usage);
       if (o.json) return json({ user, ...made.view, passcode: made.passcode });
@@ -86,15 +84,15 @@ export function passcodesCommands(program: Command): void {
     .option('--user <user>', 'only this user')
     .option('--all', 'with --user: include revoked and expired ones')
     .option('--json', 'machine-readable output')
-    .action((o: { user?: string; all?: boolean; json?: boolean }, cmd: Command) => {
+    .action(async (o: { user?: string; all?: boolean; json?: boolean }, cmd: Command) => {
       const config = configOf(cmd);
       const user = o.user !== undefined ? userArg(config, o.user) : undefined;
       if (o.all && user === undefined) throw new UsageError('passcodes list: --all needs --user');
       const now = Date.now();
-      const rows = withStore(config, (s) =>
+      const rows = await withStore(config, async (s) =>
         user !== undefined
-          ? mfaService(config, s).passcodes.list(user, o.all === true).map((p) => ({ user, ...p }))
-          : s.passcodes.everyActive(now).map((r) => ({ user: r.user, ...passcodeView(r) })),
+          ? (await mfaService(config, s).passcodes.list(user, o.all === true)).map((p) => ({ user, ...p }))
+          : (await s.passcodes.everyActive(now)).map((r) => ({ user: r.user, ...passcodeView(r) })),
       );
       if (o.json) return json(rows);
       if (rows.length === 0) return out(user !== undefined ? `${user}: no ${o.all ? '' : 'working '}app passcodes` : 'no working app passcodes');
@@ -108,22 +106,14 @@ export function passcodesCommands(program: Command): void {
     .option('--all', 'every working passcode of the user')
     .option('--reason <text>', 'why, for the audit log', '')
     .option('--json', 'machine-readable output')
-    .action((o: { user: string; id?: string; all?: boolean; reason: string; json?: boolean }, cmd: Command) => {
+    .action(async (o: { user: string; id?: string; all?: boolean; reason: string; json?: boolean }, cmd: Command) => {
       const config = configOf(cmd);
       const user = userArg(config, o.user);
       if ((o.id === undefined) === (o.all !== true)) throw new UsageError('passcodes revoke: give --id ID or --all');
       const id = o.id !== undefined ? idArg(o.id, 'a passcode number') : undefined;
-      const revoked = withStore(config, (s) => {
+      const revoked = await withStore(config, async (s) => {
         const service = mfaService(config, s).passcodes;
-        return s.db
-          .transaction(() => {
-            try {
-              return id !== undefined ? [service.revoke(user, id, actor(), o.reason)] : service.revokeAll(user, actor(), o.reason);
-            } catch (e) {
-              return usage(e);
-            }
-          })
-          .immediate();
+        return (id !== undefined ? service.revoke(user, id, actor(), o.reason).then((p) => [p]) : service.revokeAll(user, actor(), o.reason)).catch(usage);
       });
       if (o.json) return json(revoked.map((p) => ({ user, ...p })));
       if (revoked.length === 0) return out(`${user}: no working app passcode: nothing revoked`);

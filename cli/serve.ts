@@ -30,7 +30,7 @@ export function serveCommand(program: Command): void {
           daemon.endpoints.postfix.map((e) => `  postfix policy       ${formatEndpoint(e)}\n`).join('') +
           daemon.endpoints.api.map((e) => `  webmail API          ${formatEndpoint(e)}\n`).join('') +
           daemon.endpoints.web.map((e) => `  MFA web page         ${e.kind === 'tcp' ? `http://${formatEndpoint(e)}${config.web.basePath}/` : formatEndpoint(e)}\n`).join('') +
-          `  store                ${config.store.path}\n`,
+          `  store                ${config.store.backend === 'sqlite' ? config.store.path : `PostgreSQL ${config.store.url}`}\n`,
       );
       process.on('SIGHUP', () => daemon.reload());
       process.off('SIGHUP', early);

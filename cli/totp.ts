@@ -17,10 +17,10 @@ export function totpCommands(program: Command): void {
     .action(async (raw: string, o: { json?: boolean }, cmd: Command) => {
       const config = configOf(cmd);
       const name = userArg(config, raw);
-      const r = withStore(config, (s) => {
-        const secrets = openSecrets(config.secrets.keyFile, s);
-        const before = factorsOf(s, name);
-        const { secret, uri } = mfaService(config, s, secrets).enrollAtDesk(name, actor());
+      const r = await withStore(config, async (s, store) => {
+        const secrets = await openSecrets(config.secrets.keyFile, store);
+        const before = await factorsOf(s, name);
+        const { secret, uri } = await mfaService(config, s, secrets).enrollAtDesk(name, actor());
         return { before, secret, uri, at: Date.now() };
       });
       const replaced = r.before.totp;

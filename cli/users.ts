@@ -24,10 +24,10 @@ export function usersCommands(program: Command): void {
     .command('list')
     .description('list users')
     .option('--json', 'machine-readable output')
-    .action((o: { json?: boolean }, cmd: Command) => {
+    .action(async (o: { json?: boolean }, cmd: Command) => {
       const config = configOf(cmd);
       const now = Date.now();
-      const rows = withStore(config, (s) => s.listUsers());
+      const rows = await withStore(config, (s) => s.listUsers());
       const view = rows.map((u) => ({
         user: u.name,
         mfa_enabled: u.mfaEnabled,
@@ -50,20 +50,20 @@ export function usersCommands(program: Command): void {
     .description('one user: MFA state, second factors, lock, active grants, last logins, recent changes')
     .argument('<user>')
     .option('--json', 'machine-readable output')
-    .action((raw: string, o: { json?: boolean }, cmd: Command) => {
+    .action(async (raw: string, o: { json?: boolean }, cmd: Command) => {
       const config = configOf(cmd);
       const name = userArg(config, raw);
       const now = Date.now();
-      const data = withStore(config, (s) => {
-        const u = knownUser(s, name);
+      const data = await withStore(config, async (s) => {
+        const u = await knownUser(s, name);
         return {
           u,
-          factors: factorsOf(s, name),
-          lock: lockOf(s, config, name, now),
-          grants: s.listGrants({ user: name, now }),
-          passcodes: mfaService(config, s).passcodes.list(name),
-          logins: s.loginsOf(name),
-          audit: s.auditOf(name, 10),
+          factors: await factorsOf(s, name),
+          lock: await lockOf(s, config, name, now),
+          grants: await s.listGrants({ user: name, now }),
+          passcodes: await mfaService(config, s).passcodes.list(name),
+          logins: await s.loginsOf(name),
+          audit: await s.auditOf(name, 10),
         };
       });
       const { u, factors: f, lock } = data;
@@ -132,17 +132,17 @@ export function usersCommands(program: Command): void {
     .argument('<user>')
     .requiredOption('--reason <text>', 'why (a ticket number), for the audit log: required')
     .option('--json', 'machine-readable output')
-    .action((raw: string, o: { reason: string; json?: boolean }, cmd: Command) => {
+    .action(async (raw: string, o: { reason: string; json?: boolean }, cmd: Command) => {
       const config = configOf(cmd);
       const name = userArg(config, raw);
       const reason = o.reason.trim();
       if (reason === '') throw new UsageError('users reset: --reason must say why (e.g. a ticket number): it goes into the audit log');
       const now = Date.now();
-      const r = withStore(config, (s) => {
-        const u = knownUser(s, name);
-        const before = factorsOf(s, name);
-        const lock = lockOf(s, config, name, now);
-        const { grantsRevoked, passcodesRevoked } = mfaService(config, s).reset(name, actor(), reason);
+      const r = await withStore(config, async (s) => {
+        const u = await knownUser(s, name);
+        const before = await factorsOf(s, name);
+        const lock = await lockOf(s, config, name, now);
+        const { grantsRevoked, passcodesRevoked } = await mfaService(config, s).reset(name, actor(), reason);
         return { u, before, lock, grantsRevoked, passcodesRevoked };
       });
       const required = requiredNow(config, r.u.name, r.u.mfaEnabled, r.u.exempt, now);
@@ -181,20 +181,18 @@ export function usersCommands(program: Command): void {
     .argument('<user>')
     .option('--reason <text>', 'why, for the audit log', '')
     .option('--json', 'machine-readable output')
-    .action((raw: string, o: { reason: string; json?: boolean }, cmd: Command) => {
+    .action(async (raw: string, o: { reason: string; json?: boolean }, cmd: Command) => {
       const config = configOf(cmd);
       const name = userArg(config, raw);
       const now = Date.now();
       // A changed password must end every device: the grants and the app passcodes go in one transaction.
-      const { grants: revoked, passcodes } = withStore(config, (s) => {
-        knownUser(s, name);
+      const { grants: revoked, passcodes } = await withStore(config, async (s) => {
+        await knownUser(s, name);
         const service = mfaService(config, s).passcodes;
-        return s.db
-          .transaction(() => ({
-            grants: s.revokeGrants({ user: name }, actor(), o.reason, now),
-            passcodes: service.revokeAll(name, actor(), o.reason || 'all grants revoked'),
-          }))
-          .immediate();
+        return s.tx(async () => ({
+          grants: await s.revokeGrants({ user: name }, actor(), o.reason, now),
+          passcodes: await service.revokeAll(name, actor(), o.reason || 'all grants revoked'),
+        }));
       });
       if (o.json) return json({ user: name, grants: revoked.map((g) => grantJson(g, now)), passcodes });
       if (revoked.length === 0 && passcodes.length === 0) return out(`${name}: no active grant or app passcode: nothing revoked`);
@@ -212,14 +210,14 @@ export function usersCommands(program: Command): void {
     .description('end a lock after too many wrong codes, and forget the failed attempts')
     .argument('<user>')
     .option('--json', 'machine-readable output')
-    .action((raw: string, o: { json?: boolean }, cmd: Command) => {
+    .action(async (raw: string, o: { json?: boolean }, cmd: Command) => {
       const config = configOf(cmd);
       const name = userArg(config, raw);
       const now = Date.now();
-      const r = withStore(config, (s) => {
-        knownUser(s, name);
-        const lock = lockOf(s, config, name, now);
-        const wasLocked = mfaService(config, s).unlock(name, actor());
+      const r = await withStore(config, async (s) => {
+        await knownUser(s, name);
+        const lock = await lockOf(s, config, name, now);
+        const wasLocked = await mfaService(config, s).unlock(name, actor());
         return { lock, wasLocked };
       });
       if (o.json) return json({ user: name, was_locked: r.wasLocked, was_locked_until: r.lock.locked_until, failures_cleared: r.lock.recent_failures });
@@ -233,11 +231,11 @@ export function usersCommands(program: Command): void {
       .description(description)
       .argument('<user>')
       .option('--reason <text>', 'why, for the audit log', '')
-      .action((raw: string, o: { reason: string }, cmd: Command) => {
+      .action(async (raw: string, o: { reason: string }, cmd: Command) => {
         const config = configOf(cmd);
         const user = userArg(config, raw);
-        const changed = withStore(config, (s) => {
-          if (mustExist && !s.getUser(user)) throw new UsageError(`unknown user "${user}": the store has never seen it`, 1);
+        const changed = await withStore(config, async (s) => {
+          if (mustExist && !(await s.getUser(user))) throw new UsageError(`unknown user "${user}": the store has never seen it`, 1);
           return s.setUserFlag(user, flag, value, actor(), Date.now(), o.reason);
         });
         out(`${user}: ${changed ? '' : 'already '}${name === 'enable' ? 'MFA enabled' : name === 'disable' ? 'MFA disabled' : name === 'exempt' ? 'exempt from MFA' : 'no longer exempt'}`);

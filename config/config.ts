@@ -32,7 +32,8 @@ export interface Config {
   /** The file the configuration came from, or undefined for the built-in defaults. */
   file: string | undefined;
   /** The SQLite file (backend "sqlite"), or how to reach the database (backend "postgresql": the PgSettings part). */
-  store: { backend: 'sqlite' | 'postgresql'; path: string } & PgSettings;
+  /** stateFile: where the daemon on this host writes what it decides from, with PostgreSQL (mfagate stats reads it). */
+  store: { backend: 'sqlite' | 'postgresql'; path: string; stateFile: string } & PgSettings;
   grants: { ttlMs: number; ipv4Prefix: number; ipv6Prefix: number; purgeAfterMs: number };
   networks: { trusted: string[]; untrusted: string[]; webmail: string[] };
   enforcement: {
@@ -133,6 +134,7 @@ const schema = z.strictObject({
       password_file: z.string().default(''),
       tls: z.enum(['disable', 'require', 'verify-full']).default('verify-full'),
       ca_file: z.string().default(''),
+      state_file: z.string().min(1, { message: 'expected a file path' }).default('var/node-state.json'),
     })
     .prefault({}),
   grants: z
@@ -321,6 +323,7 @@ function storeOf(raw: RawConfig['store'], baseDir: string, problems: string[]): 
   return {
     backend: raw.backend,
     path: path.resolve(baseDir, raw.path),
+    stateFile: path.resolve(baseDir, raw.state_file),
     url: raw.url,
     passwordFile: file(raw.password_file),
     tls: raw.tls,

@@ -5,6 +5,7 @@
 import crypto from 'node:crypto';
 import http from 'node:http';
 import { MfaError, type MfaService } from '../mfa/service.js';
+import { StoreUnavailableError } from '../store/sqlite-file.js';
 import { readLimitedBody } from './http-body.js';
 import { type Logger, errorText } from './log.js';
 
@@ -65,8 +66,8 @@ export const API_ROUTES: readonly ApiRoute[] = [
     operationId: 'removeTotp',
     body: { required: ['ip'], optional: ['factor'] },
     query: [],
-    handler: (mfa, r) => {
-      mfa.totpRemove(r.user, ip(mfa, r), r.body['factor']);
+    handler: async (mfa, r) => {
+      await mfa.totpRemove(r.user, ip(mfa, r), r.body['factor']);
       return { removed: true };
     },
   },
@@ -92,8 +93,8 @@ export const API_ROUTES: readonly ApiRoute[] = [
     operationId: 'removeEmail',
     body: { required: ['ip'], optional: ['factor'] },
     query: [],
-    handler: (mfa, r) => {
-      mfa.emailRemove(r.user, ip(mfa, r), r.body['factor']);
+    handler: async (mfa, r) => {
+      await mfa.emailRemove(r.user, ip(mfa, r), r.body['factor']);
       return { removed: true };
     },
   },
@@ -151,7 +152,7 @@ export const API_ROUTES: readonly ApiRoute[] = [
     operationId: 'listGrants',
     body: null,
     query: [],
-    handler: (mfa, r) => ({ grants: mfa.grants(r.user) }),
+    handler: async (mfa, r) => ({ grants: await mfa.grants(r.user) }),
   },
   {
     method: 'DELETE',
@@ -159,9 +160,9 @@ export const API_ROUTES: readonly ApiRoute[] = [
     operationId: 'revokeGrant',
     body: { required: ['ip'], optional: [] },
     query: [],
-    handler: (mfa, r) => {
+    handler: async (mfa, r) => {
       const id = numericId(r.params['id'], 'a grant number from the grants list');
-      return { grant: mfa.revokeGrant(r.user, ip(mfa, r), id) };
+      return { grant: await mfa.revokeGrant(r.user, ip(mfa, r), id) };
     },
   },
   {
@@ -170,7 +171,7 @@ export const API_ROUTES: readonly ApiRoute[] = [
     operationId: 'listPasscodes',
     body: null,
     query: [],
-    handler: (mfa, r) => ({ passcodes: mfa.passcodeList(r.user), app_passcodes: mfa.passcodeSettings() }),
+    handler: async (mfa, r) => ({ passcodes: await mfa.passcodeList(r.user), app_passcodes: mfa.passcodeSettings() }),
   },
   {
     method: 'POST',
@@ -186,9 +187,9 @@ export const API_ROUTES: readonly ApiRoute[] = [
     operationId: 'revokePasscode',
     body: { required: ['ip'], optional: [] },
     query: [],
-    handler: (mfa, r) => {
+    handler: async (mfa, r) => {
       const id = numericId(r.params['id'], 'a passcode number from the passcodes list');
-      return { passcode: mfa.passcodeRevoke(r.user, ip(mfa, r), id) };
+      return { passcode: await mfa.passcodeRevoke(r.user, ip(mfa, r), id) };
     },
   },
 ];
@@ -385,7 +386,10 @@ export function createApiServer(mfa: MfaService, opts: ApiServerOptions): http.S
       // 4. The action.
       payload = await route.handler(mfa, { user, params: found.params, query: url.searchParams, body });
       status = 200;
-    } catch (e) {
+    } catch (caught) {
+      // The store down (the database unreachable, the disk full): said as such, never as an internal error.
+      const e = caught instanceof StoreUnavailableError ? new MfaError('store-unavailable') : caught;
+      if (caught instanceof StoreUnavailableError) fields['detail'] = errorText(caught);
       if (e instanceof MfaError) {
         status = e.status;
         fields['error'] = e.code;

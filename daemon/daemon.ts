@@ -9,6 +9,8 @@ import { type Mailer, createMailer } from '../mfa/mailer.js';
 import { openSecrets } from '../mfa/secrets.js';
 import { MfaService } from '../mfa/service.js';
 import { Store, StoreError } from '../store/store.js';
+import { StoreUnavailableError } from '../store/sqlite-file.js';
+import { type DaemonStore, openDaemonStore } from './store-link.js';
 import { createApiServer } from './api-server.js';
 import { createDovecotServer } from './dovecot-server.js';
 import { boundEndpoint, closeServer, listenOn } from './listeners.js';
@@ -81,17 +83,16 @@ export function readApiToken(file: string): string {
  */
 export async function startDaemon(config: Config, logger: Logger, opts: DaemonOptions = {}): Promise<Daemon> {
   const clock = opts.clock ?? Date.now;
-  if (config.store.backend !== 'sqlite') {
-    throw new StartError(
-      `[store] backend = "${config.store.backend}": this version of mfagate serves from a SQLite store only; ` +
-        `the PostgreSQL schema ("mfagate db migrate") and "mfagate db copy" are ready for it (docs/scaling.md)`,
-    );
-  }
-  const store = Store.open(config.store.path, { create: opts.createStore === true || config.file === undefined, migrate: true });
+  // The copy says when it goes stale (and current again) to the service, which exists once the copy does.
+  let told: PolicyService | undefined;
+  const link: DaemonStore = await openDaemonStore(config, opts.createStore === true || config.file === undefined, clock, {
+    failed: (e, currentAt) => told?.copyStale(e, currentAt),
+    recovered: (currentAt) => told?.copyCurrent(currentAt),
+  });
+  const store = link.opened.records;
   const pid = process.pid;
-  const loadStarted = performance.now();
-  const service = new PolicyService(config, store, logger, clock);
-  const copyLoadMs = Math.round(performance.now() - loadStarted);
+  const service = new PolicyService(config, store, link.copy, logger, clock);
+  told = service;
   const bound: { server: net.Server; endpoint: Endpoint }[] = [];
   const endpoints: Daemon['endpoints'] = { dovecot: [], postfix: [], api: [], web: [] };
   const webs: WebServer[] = [];
@@ -102,7 +103,7 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
   let apiToken: string | undefined;
   try {
     // Everything that can fail on a bad key or token file fails here, before any listener is bound.
-    const secrets = openSecrets(config.secrets.keyFile, store);
+    const secrets = await openSecrets(config.secrets.keyFile, link.opened);
     const keyText = fs.readFileSync(config.secrets.keyFile, 'utf8');
     if (config.api.listen.some((e) => e.kind === 'tcp')) {
       apiToken = readApiToken(config.api.tokenFile);
@@ -157,77 +158,81 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
     // Only now, once every listener is bound: a second copy started by mistake fails on its ports first and
     // so never takes over the running daemon's statistics.
     try {
-      store.daemonStarted(pid, Date.now());
+      await link.started(pid, Date.now());
       statsStarted = true;
     } catch (e) {
-      throw new StoreError(`the store ${config.store.path} cannot be written (${errorText(e)}): the daemon must write it; check the file, its directory and the free space`);
+      // SQLite's own reason ("attempt to write a readonly database"), not the wrapper's "cannot be used now".
+      const reason = e instanceof StoreUnavailableError && e.cause instanceof Error ? e.cause : e;
+      throw new StoreError(`the store (${link.opened.where}) cannot be written (${errorText(reason)}): the daemon must write it; check the file, its directory and the free space, or the database`);
     }
 
-    const every = (ms: number, fn: () => void) => {
+    // A timer's run that is still going when the next is due is not started twice.
+    const every = (ms: number, fn: () => Promise<void> | void) => {
+      let busy = false;
       const t = setInterval(() => {
-        try {
-          fn();
-        } catch (e) {
-          logger.log('error', 'timer-failed', { error: errorText(e) });
-        }
+        if (busy) return;
+        busy = true;
+        Promise.resolve()
+          .then(fn)
+          .catch((e: unknown) => logger.log('error', 'timer-failed', { error: errorText(e) }))
+          .finally(() => (busy = false));
       }, ms);
       t.unref();
       timers.push(t);
     };
-    every(REPORT_FLUSH_MS, () => {
-      service.flushReports();
-      service.passcodes.flushUses();
+    every(REPORT_FLUSH_MS, async () => {
+      await service.flushReports();
+      await service.passcodes.flushUses();
     });
     every(PASSCODE_SWEEP_MS, () => service.passcodes.sweep());
-    every(STATS_FLUSH_MS, () => store.writeDaemonStats(pid, Date.now(), service.counters, null, service.copyState()));
-    const purge = () => {
+    every(STATS_FLUSH_MS, () => link.report(pid, Date.now(), service.counters, null, service.copyState()));
+    const purge = async () => {
       const now = Date.now();
+      const config = service.config;
       let total = 0;
       // Small batches keep each write transaction short, so policy reads and CLI writes are never held up long.
-      for (let n = store.purgeGrants(now - service.config.grants.purgeAfterMs, now); n > 0; n = store.purgeGrants(now - service.config.grants.purgeAfterMs, now)) {
+      for (let n = await store.purgeGrants(now - config.grants.purgeAfterMs, now); n > 0; n = await store.purgeGrants(now - config.grants.purgeAfterMs, now)) {
         total += n;
       }
       if (total > 0) logger.log('info', 'grants-purged', { count: total });
       // Failed factor attempts only count inside the lockout window.
-      store.mfa.purgeFailures(now - Math.max(service.config.lockout.windowMs, FAILURES_KEPT_MS));
+      await store.mfa.purgeFailures(now - Math.max(config.lockout.windowMs, FAILURES_KEPT_MS));
       // Passcodes revoked or expired long ago, as grants are ([grants] purge_after).
       let passcodes = 0;
-      const purgePasscodes = () => store.db.transaction(() => store.passcodes.purge(now - service.config.grants.purgeAfterMs)).immediate();
-      for (let n = purgePasscodes(); n > 0; n = purgePasscodes()) passcodes += n;
+      for (let n = await store.passcodes.purge(now - config.grants.purgeAfterMs); n > 0; n = await store.passcodes.purge(now - config.grants.purgeAfterMs)) passcodes += n;
       if (passcodes > 0) logger.log('info', 'passcodes-purged', { count: passcodes });
       // The change feed: a copy further behind than this reloads whole. The copy forgets expired grants.
-      store.purgeChanges(now - CHANGES_KEPT_MS);
+      await store.purgeChanges(now - CHANGES_KEPT_MS);
       service.copy.sweep(now);
     };
     every(PURGE_EVERY_MS, purge);
     if (webs.length > 0) every(WEB_SWEEP_MS, () => webs.forEach((w) => w.sweep()));
-    every(FILES_CHECK_MS, fileWatch(store, config.secrets.keyFile, keyText, logger));
-    purge();
+    if (link.opened.sqlite) every(FILES_CHECK_MS, fileWatch(link.opened.sqlite, config.secrets.keyFile, keyText, logger));
+    else every(FILES_CHECK_MS, keyWatch(config.secrets.keyFile, keyText, logger));
+    await purge().catch((e: unknown) => logger.log('error', 'timer-failed', { error: errorText(e) }));
   } catch (e) {
     for (const t of timers) clearInterval(t);
     await Promise.all(bound.map((b) => closeServer(b.server, b.endpoint)));
     mailer?.close();
     if (statsStarted) {
-      try {
-        store.writeDaemonStats(pid, Date.now(), service.counters, Date.now(), service.copyState());
-      } catch {
+      await link.report(pid, Date.now(), service.counters, Date.now(), service.copyState()).catch(() => {
         /* the reason the start failed is what the caller reports */
-      }
+      });
     }
-    store.close();
+    await link.close();
     throw e;
   }
 
   logger.log('info', 'started', {
     pid,
-    store: config.store.path,
+    store: link.opened.where,
     config: config.file ?? '(built-in defaults)',
     dovecot: endpoints.dovecot.map(formatEndpoint),
     postfix: endpoints.postfix.map(formatEndpoint),
     api: endpoints.api.map(formatEndpoint),
     web: endpoints.web.map(formatEndpoint),
     mode: config.enforcement.mode,
-    copy: { load_ms: copyLoadMs, flagged_users: service.copy.size().flaggedUsers, grants: service.copy.size().grants },
+    copy: { load_ms: link.loadMs, flagged_users: link.copy.size().flaggedUsers, grants: link.copy.size().grants },
   });
 
   if (config.dovecot.apiKey === '' && config.dovecot.listen.some((e) => e.kind === 'tcp')) {
@@ -261,6 +266,7 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
       if (!same(next.postfix.listen, current.postfix.listen)) needsRestart.push('postfix.listen');
       if (next.postfix.socketMode !== current.postfix.socketMode) needsRestart.push('postfix.socket_mode');
       if (next.store.path !== current.store.path) needsRestart.push('store.path');
+      if (next.store.backend !== current.store.backend || next.store.url !== current.store.url) needsRestart.push('store.backend/url');
       if (!same(next.api.listen, current.api.listen)) needsRestart.push('api.listen');
       if (next.api.socketMode !== current.api.socketMode) needsRestart.push('api.socket_mode');
       if (next.secrets.keyFile !== current.secrets.keyFile) needsRestart.push('secrets.key_file');
@@ -300,15 +306,15 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
         }, 2000);
         await Promise.race([Promise.all(closing), new Promise((r) => setTimeout(r, 3000))]);
         clearTimeout(grace);
-        service.flushReports();
-        service.passcodes.flushUses();
+        await service.flushReports();
+        await service.passcodes.flushUses();
         mailer?.close();
         try {
-          store.writeDaemonStats(pid, Date.now(), service.counters, Date.now(), service.copyState());
+          await link.report(pid, Date.now(), service.counters, Date.now(), service.copyState());
         } catch (e) {
           logger.log('error', 'stats-not-written', { error: errorText(e) });
         }
-        store.close();
+        await link.close();
         logger.log('info', 'stopped', { pid });
         logger.flush();
       })();
@@ -323,66 +329,75 @@ export async function startDaemon(config: Config, logger: Logger, opts: DaemonOp
  * deleted, is written again. Said loudly once when it happens; a problem that cannot be mended is repeated
  * every minute, not every second.
  */
-function fileWatch(store: Store, keyFile: string, keyText: string, logger: Logger): () => void {
-  const reminder = () => {
-    let at = -Infinity;
-    const say = (event: string, fields: Record<string, unknown>) => {
-      const now = Date.now();
-      if (now - at < FILES_REMIND_MS) return;
-      at = now;
-      logger.log('error', event, fields);
-    };
-    return Object.assign(say, { reset: () => (at = -Infinity) });
+function reminder(logger: Logger) {
+  let at = -Infinity;
+  const say = (event: string, fields: Record<string, unknown>) => {
+    const now = Date.now();
+    if (now - at < FILES_REMIND_MS) return;
+    at = now;
+    logger.log('error', event, fields);
   };
-  const remind = reminder();
-  const remindKey = reminder();
-  return () => {
+  return Object.assign(say, { reset: () => (at = -Infinity) });
+}
+
+function fileWatch(store: Store, keyFile: string, keyText: string, logger: Logger): () => Promise<void> {
+  const remind = reminder(logger);
+  const key = keyWatch(keyFile, keyText, logger);
+  return async () => {
+    key();
+    // Not while a write transaction of this process is open on the file (it would be cut off).
+    if (store.db.inTransaction) return;
     let state;
     try {
       state = store.fileState();
     } catch (e) {
       return remind('store-unreachable', { store: store.file, error: errorText(e), note: 'cannot look at the store file: the daemon keeps deciding from the file it has open' });
     }
-    if (state !== 'ok') {
-      try {
-        const { movedAside } = store.restoreFile(Date.now());
-        const counts = store.counts(Date.now());
-        logger.log('error', 'store-restored', {
-          store: store.file,
-          was: state,
-          ...(movedAside ? { moved_aside: movedAside } : {}),
-          users: counts.users,
-          active_grants: counts.activeGrants,
-          note:
-            state === 'missing'
-              ? 'the store file was deleted while the daemon ran: it was written back from the open copy, nothing was lost'
-              : 'another file took the store\'s place while the daemon ran: it was moved aside and the store written back; to replace the store, stop the daemon first',
-        });
-        remind.reset();
-      } catch (e) {
-        if (!store.db.open) {
-          // The old copy was closed but the new one did not open: nothing left to decide from. systemd restarts us.
-          logger.log('error', 'store-lost', { store: store.file, error: errorText(e) });
-          logger.flush();
-          process.exit(1);
-        }
-        remind('store-missing', {
-          store: store.file,
-          was: state,
-          error: errorText(e),
-          note: 'the store file is gone or replaced and cannot be written back: the daemon keeps deciding from the file it has open, the CLI cannot see it',
-        });
+    if (state === 'ok') return;
+    let movedAside: string | undefined;
+    try {
+      movedAside = store.restoreFile(Date.now()).movedAside;
+    } catch (e) {
+      if (!store.db.open) {
+        // The old copy was closed but the new one did not open: nothing left to decide from. systemd restarts us.
+        logger.log('error', 'store-lost', { store: store.file, error: errorText(e) });
+        logger.flush();
+        process.exit(1);
       }
+      return remind('store-missing', {
+        store: store.file,
+        was: state,
+        error: errorText(e),
+        note: 'the store file is gone or replaced and cannot be written back: the daemon keeps deciding from the file it has open, the CLI cannot see it',
+      });
     }
-    if (!fs.existsSync(keyFile)) {
-      try {
-        fs.mkdirSync(path.dirname(keyFile), { recursive: true, mode: 0o750 });
-        fs.writeFileSync(keyFile, keyText, { mode: 0o600, flag: 'wx' });
-        logger.log('error', 'key-restored', { key_file: keyFile, note: 'the secrets key file was deleted while the daemon ran: it was written back' });
-        remindKey.reset();
-      } catch (e) {
-        remindKey('key-missing', { key_file: keyFile, error: errorText(e) });
-      }
+    const counts = await store.records.counts(Date.now()).catch(() => undefined);
+    logger.log('error', 'store-restored', {
+      store: store.file,
+      was: state,
+      ...(movedAside ? { moved_aside: movedAside } : {}),
+      ...(counts ? { users: counts.users, active_grants: counts.activeGrants } : {}),
+      note:
+        state === 'missing'
+          ? 'the store file was deleted while the daemon ran: it was written back from the open copy, nothing was lost'
+          : 'another file took the store\'s place while the daemon ran: it was moved aside and the store written back; to replace the store, stop the daemon first',
+    });
+    remind.reset();
+  };
+}
+
+/** The key file, if deleted while the daemon runs, is written again (said once; a failure every minute). */
+function keyWatch(keyFile: string, keyText: string, logger: Logger): () => void {
+  const remindKey = reminder(logger);
+  return () => {
+    if (fs.existsSync(keyFile)) return;
+    try {
+      fs.mkdirSync(path.dirname(keyFile), { recursive: true, mode: 0o750 });
+      fs.writeFileSync(keyFile, keyText, { mode: 0o600, flag: 'wx' });
+      logger.log('error', 'key-restored', { key_file: keyFile, note: 'the secrets key file was deleted while the daemon ran: it was written back' });
+      remindKey.reset();
+    } catch (e) {
+      remindKey('key-missing', { key_file: keyFile, error: errorText(e) });
     }
   };
 }

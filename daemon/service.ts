@@ -4,7 +4,7 @@ import { type Config, policySettings, refusalMessage } from '../config/config.js
 import { parseAddress } from '../policy/address.js';
 import { type Decision, type PolicySettings, decide } from '../policy/decide.js';
 import { isAcceptableUserName, normaliseUser } from '../policy/user.js';
-import type { CopyState, LoginReport, Store } from '../store/store.js';
+import type { CopyState, LoginReport, Records } from '../store/records.js';
 import type { LiveCopy } from '../store/live-copy.js';
 import { type CheckResult, PasscodeService, passcodeProtocolOf } from '../mfa/passcodes.js';
 import type { PasscodeCheckRequest } from './dovecot-protocol.js';
@@ -40,35 +40,37 @@ export class PolicyService {
   /** App passcodes: checked for Dovecot's Lua passdb, and the passcode rule of the decision. */
   readonly passcodes: PasscodeService;
 
-  /** What decisions read: users' flags and active grants in memory, kept current from the store's change feed. */
-  readonly copy: LiveCopy;
-
   constructor(
     config: Config,
-    readonly store: Store,
+    /** The store's records: login reports and passcode uses are written here. */
+    readonly store: Records,
+    /** What decisions read: users' flags and active grants in memory, kept current from the store's change feed. */
+    readonly copy: LiveCopy,
     readonly logger: Logger,
     readonly clock: () => number = Date.now,
   ) {
     this.config = config;
     this.settings = policySettings(config);
     this.passcodes = new PasscodeService({ store, config: () => this.config, logger, clock });
-    let since = 0;
-    this.copy = store.liveCopy(clock, {
-      failed: (e, currentAt) => {
-        since = clock();
-        this.copyError = errorText(e);
-        logger.log('error', 'copy-stale', {
-          error: errorText(e),
-          current_at: new Date(currentAt).toISOString(),
-          note: 'the store cannot be read: decisions go on from the copy in memory as it was then',
-        });
-      },
-      recovered: (currentAt) => {
-        this.copyError = undefined;
-        logger.log('info', 'copy-current', { stale_ms: clock() - since, current_at: new Date(currentAt).toISOString() });
-      },
-    });
     this.passcodes.readFrom(this.copy);
+  }
+
+  private staleSince = 0;
+
+  /** The copy can no longer be brought up to date: said once, until it can again (see copyCurrent). */
+  copyStale(e: unknown, currentAt: number): void {
+    this.staleSince = this.clock();
+    this.copyError = errorText(e);
+    this.logger.log('error', 'copy-stale', {
+      error: errorText(e),
+      current_at: new Date(currentAt).toISOString(),
+      note: 'the store cannot be read: decisions go on from the copy in memory as it was then',
+    });
+  }
+
+  copyCurrent(currentAt: number): void {
+    this.copyError = undefined;
+    this.logger.log('info', 'copy-current', { stale_ms: this.clock() - this.staleSince, current_at: new Date(currentAt).toISOString() });
   }
 
   /** Why the copy could not be brought up to date, while it cannot. */
@@ -163,16 +165,16 @@ export class PolicyService {
     const address = parseAddress(remote);
     if (!isAcceptableUserName(user) || !address) return false;
     this.reports.push({ user, ip: address.toString(), protocol: protocol.toLowerCase(), success, policyReject, at: this.clock() });
-    if (this.reports.length >= 1000) this.flushReports();
+    if (this.reports.length >= 1000) void this.flushReports();
     return true;
   }
 
-  flushReports(): void {
+  async flushReports(): Promise<void> {
     if (this.reports.length === 0) return;
     const batch = this.reports;
     this.reports = [];
     try {
-      this.store.recordLogins(batch);
+      await this.store.recordLogins(batch);
     } catch (e) {
       this.logger.log('error', 'report-store-failed', { error: errorText(e), dropped: batch.length });
     }

@@ -27,7 +27,7 @@ import type { Logger } from '../daemon/log.js';
 import { blockOf, parseAddress } from '../policy/address.js';
 import type { PasscodeSource } from '../store/live-copy.js';
 import type { PasscodeRow, PasscodeUse } from '../store/passcode-store.js';
-import type { Store } from '../store/store.js';
+import type { Records } from '../store/records.js';
 import { FailureLimiter } from './limiter.js';
 
 export const PASSCODE_ALPHABET = 'abcdefghjkmnpqrstuvwxyz';
@@ -124,7 +124,7 @@ export function passcodeView(r: PasscodeRow): PasscodeView {
 }
 
 export interface PasscodeDeps {
-  store: Store;
+  store: Records;
   config: () => Config;
   logger: Logger;
   clock?: () => number;
@@ -145,7 +145,7 @@ export class PasscodeService {
   /** Wrong passcodes per user and per address block, held in memory ([lockout] numbers, counters of their own). */
   private readonly limiter: FailureLimiter;
 
-  /** Where checks read passcodes: the daemon's in-memory copy (see readFrom), else the store's table. */
+  /** Where checks read passcodes: the daemon's in-memory copy (see readFrom). */
   private source: PasscodeSource | undefined;
 
   /** Checks read passcodes from `source` (the daemon's copy: a check then never waits for the store). */
@@ -153,8 +153,10 @@ export class PasscodeService {
     this.source = source;
   }
 
+  /** The copy checks read; a service without one (the CLI's) makes and revokes passcodes but checks none. */
   private get read(): PasscodeSource {
-    return this.source ?? this.d.store.passcodes;
+    if (!this.source) throw new Error('passcode checks read the daemon\'s in-memory copy, and this service has none');
+    return this.source;
   }
 
   constructor(private readonly d: PasscodeDeps) {
@@ -187,13 +189,13 @@ export class PasscodeService {
    * Makes a passcode: the plain text (to show once) and what to store. The hash is computed here (async, in the
    * thread pool); `insert` is then called inside the caller's transaction, after its proof.
    */
-  async prepare(user: string, name: string, protocols: readonly string[], ttlMs: number | undefined, createdBy: string): Promise<{ passcode: string; insert: () => PasscodeView }> {
+  async prepare(user: string, name: string, protocols: readonly string[], ttlMs: number | undefined, createdBy: string): Promise<{ passcode: string; insert: () => Promise<PasscodeView> }> {
     const config = this.config;
     if (!config.appPasscodes.enabled) throw new PasscodeError('disabled', 'app passcodes are not enabled ([app_passcodes] enabled)');
     let passcode = '';
     for (let tries = 0; ; tries++) {
       passcode = Array.from({ length: PASSCODE_LENGTH }, () => PASSCODE_ALPHABET[crypto.randomInt(PASSCODE_ALPHABET.length)]).join('');
-      if (!this.d.store.passcodes.selectorTaken(passcode.slice(0, SELECTOR_LENGTH))) break;
+      if (!(await this.d.store.passcodes.selectorTaken(passcode.slice(0, SELECTOR_LENGTH)))) break;
       if (tries > 50) throw new Error('no free passcode selector after 50 tries');
     }
     const salt = crypto.randomBytes(16);
@@ -202,41 +204,48 @@ export class PasscodeService {
     const ttl = ttlMs ?? config.appPasscodes.ttlMs;
     return {
       passcode,
-      insert: () => {
+      insert: async () => {
         const now = this.clock();
         const store = this.d.store.passcodes;
-        if (store.listOf(user, now).length >= config.appPasscodes.maxPerUser) {
+        if ((await store.listOf(user, now)).length >= config.appPasscodes.maxPerUser) {
           throw new PasscodeError('too-many', `at most ${config.appPasscodes.maxPerUser} app passcodes per user: revoke one first`);
         }
         // A selector taken while the hash was computed: the insert fails on the unique index, and the
         // caller's transaction with it (nothing is half made).
-        const id = store.insert({ user, name, selector: passcode.slice(0, SELECTOR_LENGTH), salt, hash, kdf: KDF, protocols, createdBy, expiresAt: ttl === undefined ? null : now + ttl, now });
-        this.d.store.audit(now, createdBy, 'passcode-add', user, null, null, { id, name, protocols: protocols.join(','), ...(ttl === undefined ? {} : { expires_at: new Date(now + ttl).toISOString() }) });
-        const row = store.byId(id);
+        const id = await store.insert({ user, name, selector: passcode.slice(0, SELECTOR_LENGTH), salt, hash, kdf: KDF, protocols, createdBy, expiresAt: ttl === undefined ? null : now + ttl, now });
+        await this.d.store.audit(now, createdBy, 'passcode-add', user, null, null, { id, name, protocols: protocols.join(','), ...(ttl === undefined ? {} : { expires_at: new Date(now + ttl).toISOString() }) });
+        const row = await store.byId(id);
         if (!row) throw new Error(`passcode ${id} vanished inside its own transaction`);
         return passcodeView(row);
       },
     };
   }
 
-  list(user: string, all = false): PasscodeView[] {
-    return this.d.store.passcodes.listOf(user, this.clock(), all).map(passcodeView);
+  async list(user: string, all = false): Promise<PasscodeView[]> {
+    return (await this.d.store.passcodes.listOf(user, this.clock(), all)).map(passcodeView);
   }
 
   /** Revokes the user's passcode `id` (in the caller's transaction if any); throws not-found. */
-  revoke(user: string, id: number, actor: string, reason = ''): PasscodeView {
+  async revoke(user: string, id: number, actor: string, reason = ''): Promise<PasscodeView> {
     const now = this.clock();
-    const row = this.d.store.passcodes.byId(id);
-    if (!row || row.user !== user || row.revokedAt !== null) throw new PasscodeError('not-found', 'no such app passcode of this user (or it is revoked already)');
-    this.d.store.passcodes.revoke(id, actor, now);
+    const view = await this.d.store.tx(async () => {
+      const row = await this.d.store.passcodes.byId(id);
+      if (!row || row.user !== user || row.revokedAt !== null) throw new PasscodeError('not-found', 'no such app passcode of this user (or it is revoked already)');
+      await this.d.store.passcodes.revoke(id, actor, now);
+      await this.d.store.audit(now, actor, 'passcode-revoke', user, null, null, { id, name: row.name, ...(reason ? { reason } : {}) });
+      return passcodeView({ ...row, revokedAt: now, revokedBy: actor });
+    });
     this.forget(id);
-    this.d.store.audit(now, actor, 'passcode-revoke', user, null, null, { id, name: row.name, ...(reason ? { reason } : {}) });
-    return passcodeView({ ...row, revokedAt: now, revokedBy: actor });
+    return view;
   }
 
   /** Revokes every working passcode of the user; returns them. */
-  revokeAll(user: string, actor: string, reason = ''): PasscodeView[] {
-    return this.d.store.passcodes.listOf(user, this.clock()).map((r) => this.revoke(user, r.id, actor, reason));
+  async revokeAll(user: string, actor: string, reason = ''): Promise<PasscodeView[]> {
+    return this.d.store.tx(async () => {
+      const views: PasscodeView[] = [];
+      for (const r of await this.d.store.passcodes.listOf(user, this.clock())) views.push(await this.revoke(user, r.id, actor, reason));
+      return views;
+    });
   }
 
   private forget(id: number): void {
@@ -346,12 +355,12 @@ export class PasscodeService {
   }
 
   /** Writes the batched last uses (one transaction). */
-  flushUses(): void {
+  async flushUses(): Promise<void> {
     if (this.uses.length === 0) return;
     const batch = this.uses;
     this.uses = [];
     try {
-      this.d.store.db.transaction(() => this.d.store.passcodes.recordUses(batch)).immediate();
+      await this.d.store.passcodes.recordUses(batch);
     } catch (e) {
       this.d.logger.log('error', 'passcode-use-not-stored', { error: e instanceof Error ? e.message : String(e), dropped: batch.length });
     }

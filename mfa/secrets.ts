@@ -4,7 +4,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { giveToDaemonUser } from '../store/ownership.js';
-import type { Store } from '../store/store.js';
+import type { Records } from '../store/records.js';
 
 export class SecretsError extends Error {
   override name = 'SecretsError';
@@ -84,24 +84,24 @@ export function createSecrets(key: Buffer): Secrets {
  * holds secrets sealed with a key (a new key would void every app registration and backup code), or a key
  * that does not open them (a wrong [secrets] key_file), is an error that says what to do.
  */
-export function openSecrets(file: string, store: Store): Secrets {
+export async function openSecrets(file: string, store: { records: Records; where: string; file?: string | undefined }): Promise<Secrets> {
   const existed = fs.existsSync(file);
-  if (!existed && store.mfa.holdsSealedSecrets()) {
+  if (!existed && (await store.records.mfa.holdsSealedSecrets())) {
     throw new SecretsError(
       `the key file ${file} ([secrets] key_file) does not exist, but the store holds app registrations or backup codes ` +
         'made with a key: restore the key file from the backup of the store, or correct [secrets] key_file. Refusing to create a new key.',
     );
   }
   const key = loadOrCreateKey(file);
-  if (!existed) giveToDaemonUser([file], [path.dirname(file), store.file, path.dirname(store.file)]);
+  if (!existed) giveToDaemonUser([file], store.file === undefined ? [path.dirname(file)] : [path.dirname(file), store.file, path.dirname(store.file)]);
   const secrets = createSecrets(key);
-  const sample = store.mfa.sampleTotpSecret();
+  const sample = await store.records.mfa.sampleTotpSecret();
   if (sample) {
     try {
       secrets.decrypt(sample.sealed, `totp:${sample.user}`);
     } catch {
       throw new SecretsError(
-        `the key file ${file} ([secrets] key_file) does not open the app registrations in the store ${store.file}: ` +
+        `the key file ${file} ([secrets] key_file) does not open the app registrations in the store ${store.where}: ` +
           'is it the key the store was written with?',
       );
     }

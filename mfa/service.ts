@@ -8,7 +8,7 @@ import { blockOf, parseAddress } from '../policy/address.js';
 import { decide, mfaRequired } from '../policy/decide.js';
 import { describeRule } from '../policy/rules.js';
 import { isAcceptableUserName, normaliseUser } from '../policy/user.js';
-import type { GrantRow, Store } from '../store/store.js';
+import type { GrantRow, Records } from '../store/records.js';
 import type { Logger } from '../daemon/log.js';
 import { MailError, type Mailer } from './mailer.js';
 import { addressChangedMail, grantNoticeMail, loginCodeMail, verifyAddressMail } from './messages.js';
@@ -32,6 +32,7 @@ export const MFA_ERRORS = {
   locked: { status: 423, message: 'too many failed attempts: try again later' },
   'rate-limited': { status: 429, message: 'too many requests: try again later' },
   'mail-failed': { status: 502, message: 'the mail could not be sent' },
+  'store-unavailable': { status: 503, message: 'the store cannot be reached now: nothing was changed; try again in a few minutes' },
 } as const;
 export type MfaErrorCode = keyof typeof MFA_ERRORS;
 
@@ -64,7 +65,7 @@ export interface GrantView {
 }
 
 export interface Deps {
-  store: Store;
+  store: Records;
   config: () => Config;
   secrets: Secrets;
   mailer: () => Mailer;
@@ -136,25 +137,27 @@ export class MfaService {
     return a.toString();
   }
 
-  private audit(action: string, user: string, ip: string | null, detail: Record<string, unknown> = {}, grantId: number | null = null): void {
-    this.d.store.audit(this.clock(), 'api', action, user, ip, grantId, detail);
+  private async audit(action: string, user: string, ip: string | null, detail: Record<string, unknown> = {}, grantId: number | null = null): Promise<void> {
+    await this.d.store.audit(this.clock(), 'api', action, user, ip, grantId, detail);
   }
 
   // ---- status ----------------------------------------------------------------------------------------------
 
-  status(user: string, ip?: string) {
+  async status(user: string, ip?: string) {
     const now = this.clock();
-    const u = this.d.store.getUser(user);
-    const f = this.mfa.factors(user);
+    const u = await this.d.store.getUser(user);
+    const f = await this.mfa.factors(user);
     const config = this.config;
     const settings = policySettings(config);
-    const lockedUntil = this.mfa.lockedUntil(user);
-    const grants = this.d.store.listGrants({ user, now }).map((g) => this.grantView(g));
+    const lockedUntil = await this.mfa.lockedUntil(user);
+    const grants = (await this.d.store.listGrants({ user, now })).map((g) => this.grantView(g));
     let login: { ip: string; needs_mfa: boolean; rule: string; explanation: string } | undefined;
     if (ip !== undefined) {
       const address = parseAddress(ip);
       if (address) {
-        const decision = decide(settings, { user, address, protocol: 'imap', now }, this.d.store);
+        // The facts read now from the store, for the one (user, block) the decision will ask about.
+        const facts = await this.d.store.lookup(user, blockOf(address, settings.prefixes), now);
+        const decision = decide(settings, { user, address, protocol: 'imap', now }, { lookup: () => facts });
         login = { ip, needs_mfa: decision.verdict === 'refuse', rule: decision.rule, explanation: describeRule(decision.rule) };
       }
     }
@@ -170,7 +173,7 @@ export class MfaService {
         totp: f?.totpSecret != null,
         email: f?.email ? maskAddress(f.email) : null,
         email_pending: f?.emailPending ? maskAddress(f.emailPending) : null,
-        backup_codes_left: this.mfa.backupCodesLeft(user),
+        backup_codes_left: await this.mfa.backupCodesLeft(user),
       },
       locked_until: lockedUntil !== undefined && lockedUntil > now ? new Date(lockedUntil).toISOString() : null,
       grants,
@@ -182,8 +185,8 @@ export class MfaService {
     return { id: g.id, block: g.block, ip: g.ip, created_at: new Date(g.createdAt).toISOString(), expires_at: new Date(g.expiresAt).toISOString(), method: g.method };
   }
 
-  private hasFactor(user: string): boolean {
-    const f = this.mfa.factors(user);
+  private async hasFactor(user: string): Promise<boolean> {
+    const f = await this.mfa.factors(user);
     return f?.totpSecret != null || f?.email != null;
   }
 
@@ -199,49 +202,47 @@ export class MfaService {
   }
 
   /** Refuses when the user is locked or the client's address block has failed too often across users. */
-  private checkLimits(user: string, ip: string, now: number): void {
-    const until = this.mfa.lockedUntil(user);
+  private async checkLimits(user: string, ip: string, now: number): Promise<void> {
+    const until = await this.mfa.lockedUntil(user);
     if (until !== undefined && until > now) throw new MfaError('locked', undefined, until - now);
     const { windowMs, ipMaxFailures } = this.config.lockout;
-    if (this.mfa.failuresOfBlock(this.limitBlock(ip), now - windowMs) >= ipMaxFailures) throw new MfaError('rate-limited', 'too many failed attempts from this address: try again later', windowMs);
+    if ((await this.mfa.failuresOfBlock(this.limitBlock(ip), now - windowMs)) >= ipMaxFailures) throw new MfaError('rate-limited', 'too many failed attempts from this address: try again later', windowMs);
   }
 
   /** Records a failure (inside the caller's transaction) and locks the user when the limit is reached. */
-  private fail(user: string, ip: string, method: string, now: number): MfaError {
+  private async fail(user: string, ip: string, method: string, now: number): Promise<MfaError> {
     const { maxFailures, windowMs, durationMs } = this.config.lockout;
-    this.mfa.addFailure(user, ip, this.limitBlock(ip), method, now);
-    this.audit('factor-fail', user, ip, { method });
-    if (this.mfa.failuresOfUser(user, now - windowMs) >= maxFailures) {
-      this.d.store.ensureUser(user, now);
-      this.mfa.setLock(user, now + durationMs, now);
-      this.audit('user-locked', user, ip, { until: new Date(now + durationMs).toISOString() });
+    await this.mfa.addFailure(user, ip, this.limitBlock(ip), method, now);
+    await this.audit('factor-fail', user, ip, { method });
+    if ((await this.mfa.failuresOfUser(user, now - windowMs)) >= maxFailures) {
+      await this.d.store.ensureUser(user, now);
+      await this.mfa.setLock(user, now + durationMs, now);
+      await this.audit('user-locked', user, ip, { until: new Date(now + durationMs).toISOString() });
       this.d.logger.log('warn', 'user-locked', { user, ip, until: new Date(now + durationMs).toISOString() });
     }
     return new MfaError('factor-failed');
   }
 
   /** Runs a check; an attempt refused by a lock or the address limit is audited too (after its rollback). */
-  private attempt<T>(user: string, ip: string, method: string, check: () => T): T {
+  private async attempt<T>(user: string, ip: string, method: string, check: () => Promise<T>): Promise<T> {
     try {
-      return check();
+      return await check();
     } catch (e) {
-      if (e instanceof MfaError && (e.code === 'locked' || e.code === 'rate-limited')) this.audit('factor-refused', user, ip, { method, result: e.code });
+      if (e instanceof MfaError && (e.code === 'locked' || e.code === 'rate-limited')) await this.audit('factor-refused', user, ip, { method, result: e.code });
       throw e;
     }
   }
 
-  unlock(user: string, actor: string): boolean {
+  async unlock(user: string, actor: string): Promise<boolean> {
     const now = this.clock();
-    return this.d.store.db
-      .transaction(() => {
-        const was = this.mfa.lockedUntil(user);
-        this.mfa.clearFailures(user);
+    return this.d.store.tx(async () => {
+        const was = await this.mfa.lockedUntil(user);
+        await this.mfa.clearFailures(user);
         if (was === undefined) return false;
-        this.mfa.setLock(user, null, now);
-        this.d.store.audit(now, actor, 'user-unlock', user, null, null, {});
+        await this.mfa.setLock(user, null, now);
+        await this.d.store.audit(now, actor, 'user-unlock', user, null, null, {});
         return was > now;
-      })
-      .immediate();
+      });
   }
 
   // ---- checking a factor -----------------------------------------------------------------------------------
@@ -252,42 +253,42 @@ export class MfaService {
    * code being used up, or neither does, so a crash in between cannot spend a code for nothing. Throws
    * factor-failed (and counts the failure) when the code is wrong.
    */
-  private consumeThen<T>(user: string, ip: string, proof: Proof, now: number, then: () => T): T {
-    const run = this.d.store.db.transaction((): { err: MfaError } | { value: T } => {
-      this.checkLimits(user, ip, now);
-      const ok = this.tryConsume(user, proof, now);
-      if (!ok) return { err: this.fail(user, ip, proof.method, now) };
-      this.mfa.clearFailures(user);
-      return { value: then() };
+  private async consumeThen<T>(user: string, ip: string, proof: Proof, now: number, then: () => Promise<T>): Promise<T> {
+    const run = () => this.d.store.tx(async (): Promise<{ err: MfaError } | { value: T }> => {
+      await this.checkLimits(user, ip, now);
+      const ok = await this.tryConsume(user, proof, now);
+      if (!ok) return { err: await this.fail(user, ip, proof.method, now) };
+      await this.mfa.clearFailures(user);
+      return { value: await then() };
     });
     // The failure is recorded in the committed transaction; only then is it thrown.
-    const r = this.attempt(user, ip, proof.method, () => run.immediate());
+    const r = await this.attempt(user, ip, proof.method, run);
     if ('err' in r) throw r.err;
     return r.value;
   }
 
-  private tryConsume(user: string, proof: Proof, now: number): boolean {
+  private async tryConsume(user: string, proof: Proof, now: number): Promise<boolean> {
     const code = typeof proof.code === 'string' ? proof.code.trim() : '';
     if (code === '' || code.length > 64) return false;
-    const f = this.mfa.factors(user);
+    const f = await this.mfa.factors(user);
     switch (proof.method) {
       case 'totp': {
         if (!f?.totpSecret) return false;
         const secret = this.d.secrets.decrypt(f.totpSecret, `totp:${user}`).toString('utf8');
         const step = matchStep(secret, code, now);
         if (step === undefined || (f.totpLastStep !== null && step <= f.totpLastStep)) return false;
-        this.mfa.updateFactors(user, { totp_last_step: step }, now);
+        await this.mfa.updateFactors(user, { totp_last_step: step }, now);
         return true;
       }
       case 'email': {
         if (!f?.email) return false;
-        const c = this.mfa.latestCode(user, 'login', now);
+        const c = await this.mfa.latestCode(user, 'login', now);
         if (!c || c.address !== f.email) return false;
         if (!this.d.secrets.sameHash(c.codeHash, this.d.secrets.hashCode(user, code))) return false;
-        return this.mfa.useCode(c.id, now);
+        return await this.mfa.useCode(c.id, now);
       }
       case 'backup':
-        return this.mfa.useBackupCode(user, this.d.secrets.hashCode(user, normaliseBackup(code)), now);
+        return await this.mfa.useBackupCode(user, this.d.secrets.hashCode(user, normaliseBackup(code)), now);
       default:
         return false;
     }
@@ -304,20 +305,20 @@ export class MfaService {
   }
 
   /** Once a user has a factor, changing factors needs a passed one (first registration trusts the password). */
-  private requireProofIfRegistered(user: string, ip: string, rawProof: unknown, now: number): void {
-    this.changeWithProof(user, ip, rawProof, now, () => undefined);
+  private async requireProofIfRegistered(user: string, ip: string, rawProof: unknown, now: number): Promise<void> {
+    await this.changeWithProof(user, ip, rawProof, now, async () => undefined);
   }
 
   /**
    * A change that needs the proof once a factor is registered: the code is used up and the change made in one
    * transaction (without a factor, the change alone runs in one).
    */
-  private changeWithProof<T>(user: string, ip: string, rawProof: unknown, now: number, change: () => T): T {
-    if (!this.hasFactor(user)) return this.d.store.db.transaction(change).immediate();
+  private async changeWithProof<T>(user: string, ip: string, rawProof: unknown, now: number, change: () => Promise<T>): Promise<T> {
+    if (!(await this.hasFactor(user))) return this.d.store.tx(change);
     const proof = this.parseProof(rawProof);
     if (!proof) throw new MfaError('proof-required');
-    return this.consumeThen(user, ip, proof, now, () => {
-      this.audit('factor-pass', user, ip, { method: proof.method, for: 'change' });
+    return this.consumeThen(user, ip, proof, now, async () => {
+      await this.audit('factor-pass', user, ip, { method: proof.method, for: 'change' });
       return change();
     });
   }
@@ -331,8 +332,8 @@ export class MfaService {
     if (!address) throw new MfaError('bad-request', 'ip: not an IP address');
     const now = this.clock();
     const config = this.config;
-    const grant = this.consumeThen(user, ip, proof, now, () => {
-      const { grant } = this.d.store.addGrant({
+    const grant = await this.consumeThen(user, ip, proof, now, async () => {
+      const { grant } = await this.d.store.addGrant({
         user,
         ip,
         block: blockOf(address, blockPrefixes(config)),
@@ -343,11 +344,11 @@ export class MfaService {
         actor: 'api',
         now,
       });
-      this.audit('factor-pass', user, ip, { method: proof.method }, grant.id);
+      await this.audit('factor-pass', user, ip, { method: proof.method }, grant.id);
       return grant;
     });
     this.d.logger.log('info', 'mfa-passed', { user, ip, method: proof.method, grant: grant.id, block: grant.block });
-    const f = this.mfa.factors(user);
+    const f = await this.mfa.factors(user);
     if (config.mail.notify && f?.email) {
       const mail = grantNoticeMail({ user, ip, at: now, expiresAt: grant.expiresAt, method: proof.method });
       this.d.mailer().send({ to: f.email, ...mail }).catch((e: unknown) => {
@@ -363,29 +364,28 @@ export class MfaService {
     const now = this.clock();
     const secret = newSecret();
     const uri = otpauthUri(this.config.totp.issuer, user, secret);
-    this.changeWithProof(user, ip, rawProof, now, () => {
-      this.d.store.ensureUser(user, now);
-      this.mfa.updateFactors(user, { totp_pending: this.d.secrets.encrypt(Buffer.from(secret), `totp-pending:${user}`), totp_pending_at: now }, now);
-      this.audit('totp-begin', user, ip);
+    await this.changeWithProof(user, ip, rawProof, now, async () => {
+      await this.d.store.ensureUser(user, now);
+      await this.mfa.updateFactors(user, { totp_pending: this.d.secrets.encrypt(Buffer.from(secret), `totp-pending:${user}`), totp_pending_at: now }, now);
+      await this.audit('totp-begin', user, ip);
     });
     const qr_svg = await QRCode.toString(uri, { type: 'svg', errorCorrectionLevel: 'M', margin: 2 });
     return { secret, uri, qr_svg };
   }
 
-  totpConfirm(user: string, ip: string, code: unknown): { registered: true } {
+  async totpConfirm(user: string, ip: string, code: unknown): Promise<{ registered: true }> {
     if (typeof code !== 'string') throw new MfaError('bad-request', 'code: expected the 6-digit code from the app');
     const now = this.clock();
-    const err = this.attempt(user, ip, 'totp', () => this.d.store.db
-      .transaction((): MfaError | undefined => {
-        this.checkLimits(user, ip, now);
-        const f = this.mfa.factors(user);
+    const err = await this.attempt(user, ip, 'totp', () => this.d.store.tx(async (): Promise<MfaError | undefined> => {
+        await this.checkLimits(user, ip, now);
+        const f = await this.mfa.factors(user);
         if (!f?.totpPending || f.totpPendingAt === null || f.totpPendingAt + PENDING_TOTP_MS <= now) {
           throw new MfaError('conflict', 'no app enrolment in progress (or it is older than 15 minutes): begin again');
         }
         const secret = this.d.secrets.decrypt(f.totpPending, `totp-pending:${user}`).toString('utf8');
         const step = matchStep(secret, code.trim(), now);
-        if (step === undefined) return this.fail(user, ip, 'totp', now);
-        this.mfa.updateFactors(
+        if (step === undefined) return await this.fail(user, ip, 'totp', now);
+        await this.mfa.updateFactors(
           user,
           {
             totp_secret: this.d.secrets.encrypt(Buffer.from(secret), `totp:${user}`),
@@ -396,28 +396,27 @@ export class MfaService {
           },
           now,
         );
-        this.mfa.clearFailures(user);
-        this.audit('totp-register', user, ip);
+        await this.mfa.clearFailures(user);
+        await this.audit('totp-register', user, ip);
         return undefined;
-      })
-      .immediate());
+      }));
     if (err) throw err;
     return { registered: true };
   }
 
-  totpRemove(user: string, ip: string, rawProof: unknown): void {
+  async totpRemove(user: string, ip: string, rawProof: unknown): Promise<void> {
     const now = this.clock();
-    const f = this.mfa.factors(user);
+    const f = await this.mfa.factors(user);
     if (!f?.totpSecret) throw new MfaError('not-registered');
-    this.guardLastFactor(user, f.email === null);
-    this.changeWithProof(user, ip, rawProof, now, () => {
-      this.mfa.updateFactors(user, { totp_secret: null, totp_confirmed_at: null, totp_last_step: null, totp_pending: null, totp_pending_at: null }, now);
-      this.audit('totp-remove', user, ip);
+    await this.guardLastFactor(user, f.email === null);
+    await this.changeWithProof(user, ip, rawProof, now, async () => {
+      await this.mfa.updateFactors(user, { totp_secret: null, totp_confirmed_at: null, totp_last_step: null, totp_pending: null, totp_pending_at: null }, now);
+      await this.audit('totp-remove', user, ip);
     });
   }
 
-  private guardLastFactor(user: string, isLast: boolean): void {
-    if (isLast && this.d.store.getUser(user)?.mfaEnabled) {
+  private async guardLastFactor(user: string, isLast: boolean): Promise<void> {
+    if (isLast && (await this.d.store.getUser(user))?.mfaEnabled) {
       throw new MfaError('conflict', 'this is the last registered factor and MFA is enabled: disable MFA first, or register another factor');
     }
   }
@@ -439,29 +438,24 @@ export class MfaService {
   async emailRegister(user: string, ip: string, rawAddress: unknown, rawProof: unknown): Promise<{ pending: string; expires_at: string }> {
     const address = this.checkAddress(rawAddress);
     const now = this.clock();
-    const f = this.mfa.factors(user);
+    const f = await this.mfa.factors(user);
     if (f?.email && f.email.toLowerCase() === address.toLowerCase()) throw new MfaError('conflict', 'that address is already registered');
-    // Confirmation mails have the same send limits as login codes (counted apart), checked before the proof is used.
-    this.checkSendLimits(user, 'verify', now);
-    this.requireProofIfRegistered(user, ip, rawProof, now);
-    this.sending.add(user);
-    try {
+    return this.oneSendAtATime(user, async () => {
+      // Confirmation mails have the same send limits as login codes (counted apart), checked before the proof is used.
+      await this.checkSendLimits(user, 'verify', now);
+      await this.requireProofIfRegistered(user, ip, rawProof, now);
       const code = randomCode(this.config.otp.digits);
       const expiresAt = now + this.config.otp.ttlMs;
       const mail = verifyAddressMail({ user, code, expiresAt, ip, at: now, minutes: Math.round(this.config.otp.ttlMs / 60_000) });
       await this.sendOrFail({ to: address, ...mail });
-      this.d.store.db
-        .transaction(() => {
-          this.d.store.ensureUser(user, now);
-          this.mfa.updateFactors(user, { email_pending: address }, now);
-          this.mfa.addCode(user, 'verify', address, this.d.secrets.hashCode(user, code), ip, now, expiresAt);
-          this.audit('email-register', user, ip, { address: maskAddress(address) });
-        })
-        .immediate();
+      await this.d.store.tx(async () => {
+          await this.d.store.ensureUser(user, now);
+          await this.mfa.updateFactors(user, { email_pending: address }, now);
+          await this.mfa.addCode(user, 'verify', address, this.d.secrets.hashCode(user, code), ip, now, expiresAt);
+          await this.audit('email-register', user, ip, { address: maskAddress(address) });
+        });
       return { pending: maskAddress(address), expires_at: new Date(expiresAt).toISOString() };
-    } finally {
-      this.sending.delete(user);
-    }
+    });
   }
 
   async emailConfirm(user: string, ip: string, code: unknown): Promise<{ address: string }> {
@@ -469,25 +463,23 @@ export class MfaService {
     const now = this.clock();
     let old: string | null = null;
     let address = '';
-    const err = this.attempt(user, ip, 'email-verify', () => this.d.store.db
-      .transaction((): MfaError | undefined => {
-        this.checkLimits(user, ip, now);
-        const f = this.mfa.factors(user);
-        const c = this.mfa.latestCode(user, 'verify', now);
+    const err = await this.attempt(user, ip, 'email-verify', () => this.d.store.tx(async (): Promise<MfaError | undefined> => {
+        await this.checkLimits(user, ip, now);
+        const f = await this.mfa.factors(user);
+        const c = await this.mfa.latestCode(user, 'verify', now);
         if (!f?.emailPending || !c || c.address !== f.emailPending) throw new MfaError('conflict', 'no address is waiting for confirmation (or its code expired): register it again');
-        if (!this.d.secrets.sameHash(c.codeHash, this.d.secrets.hashCode(user, code.trim())) || !this.mfa.useCode(c.id, now)) {
-          return this.fail(user, ip, 'email-verify', now);
+        if (!this.d.secrets.sameHash(c.codeHash, this.d.secrets.hashCode(user, code.trim())) || !(await this.mfa.useCode(c.id, now))) {
+          return await this.fail(user, ip, 'email-verify', now);
         }
         old = f.email;
         address = f.emailPending;
-        this.mfa.updateFactors(user, { email: address, email_verified_at: now, email_pending: null }, now);
+        await this.mfa.updateFactors(user, { email: address, email_verified_at: now, email_pending: null }, now);
         // Codes sent to the old address are void.
-        this.mfa.voidCodes(user, 'login', now);
-        this.mfa.clearFailures(user);
-        this.audit(old ? 'email-change' : 'email-verified', user, ip, { address: maskAddress(address) });
+        await this.mfa.voidCodes(user, 'login', now);
+        await this.mfa.clearFailures(user);
+        await this.audit(old ? 'email-change' : 'email-verified', user, ip, { address: maskAddress(address) });
         return undefined;
-      })
-      .immediate());
+      }));
     if (err) throw err;
     if (old !== null && old !== address) {
       const mail = addressChangedMail({ user, newAddress: maskAddress(address), ip, at: now });
@@ -498,50 +490,56 @@ export class MfaService {
     return { address: maskAddress(address) };
   }
 
-  emailRemove(user: string, ip: string, rawProof: unknown): void {
+  async emailRemove(user: string, ip: string, rawProof: unknown): Promise<void> {
     const now = this.clock();
-    const f = this.mfa.factors(user);
+    const f = await this.mfa.factors(user);
     if (!f?.email && !f?.emailPending) throw new MfaError('not-registered');
-    this.guardLastFactor(user, f.email !== null && f.totpSecret === null);
-    this.changeWithProof(user, ip, rawProof, now, () => {
-      this.mfa.updateFactors(user, { email: null, email_verified_at: null, email_pending: null }, now);
-      this.mfa.voidCodes(user, 'login', now);
-      this.mfa.voidCodes(user, 'verify', now);
-      this.audit('email-remove', user, ip);
+    await this.guardLastFactor(user, f.email !== null && f.totpSecret === null);
+    await this.changeWithProof(user, ip, rawProof, now, async () => {
+      await this.mfa.updateFactors(user, { email: null, email_verified_at: null, email_pending: null }, now);
+      await this.mfa.voidCodes(user, 'login', now);
+      await this.mfa.voidCodes(user, 'verify', now);
+      await this.audit('email-remove', user, ip);
     });
   }
 
   /** Sends a login code to the registered address: one a minute, five an hour, the newest voids the older. */
   async sendLoginCode(user: string, ip: string): Promise<{ sent_to: string; expires_at: string }> {
     const now = this.clock();
-    const f = this.mfa.factors(user);
-    if (!f?.email) throw new MfaError('not-registered', 'no external address is registered');
-    this.checkLimits(user, ip, now);
-    this.checkSendLimits(user, 'login', now);
-    this.sending.add(user);
-    try {
+    const f = await this.mfa.factors(user);
+    const to = f?.email;
+    if (!to) throw new MfaError('not-registered', 'no external address is registered');
+    return this.oneSendAtATime(user, async () => {
+      await this.checkLimits(user, ip, now);
+      await this.checkSendLimits(user, 'login', now);
       const code = randomCode(this.config.otp.digits);
       const expiresAt = now + this.config.otp.ttlMs;
       const mail = loginCodeMail({ user, code, expiresAt, ip, at: now, minutes: Math.round(this.config.otp.ttlMs / 60_000) });
-      await this.sendOrFail({ to: f.email, ...mail });
-      this.d.store.db
-        .transaction(() => {
-          this.mfa.addCode(user, 'login', f.email ?? '', this.d.secrets.hashCode(user, code), ip, now, expiresAt);
-          this.audit('email-code-sent', user, ip, { to: maskAddress(f.email ?? '') });
-        })
-        .immediate();
-      return { sent_to: maskAddress(f.email), expires_at: new Date(expiresAt).toISOString() };
+      await this.sendOrFail({ to, ...mail });
+      await this.d.store.tx(async () => {
+          await this.mfa.addCode(user, 'login', to, this.d.secrets.hashCode(user, code), ip, now, expiresAt);
+          await this.audit('email-code-sent', user, ip, { to: maskAddress(to) });
+        });
+      return { sent_to: maskAddress(to), expires_at: new Date(expiresAt).toISOString() };
+    });
+  }
+
+  /** One send in flight per user: a second request while one is checked or sent is refused, not raced. */
+  private async oneSendAtATime<T>(user: string, fn: () => Promise<T>): Promise<T> {
+    if (this.sending.has(user)) throw new MfaError('rate-limited', 'a code is being sent');
+    this.sending.add(user);
+    try {
+      return await fn();
     } finally {
       this.sending.delete(user);
     }
   }
 
-  /** One mail a minute and five an hour per user (login codes and confirmation codes counted apart), one in flight. */
-  private checkSendLimits(user: string, purpose: 'login' | 'verify', now: number): void {
-    const last = this.mfa.lastLoginCodeAt(user, purpose);
+  /** One mail a minute and five an hour per user (login codes and confirmation codes counted apart). */
+  private async checkSendLimits(user: string, purpose: 'login' | 'verify', now: number): Promise<void> {
+    const last = await this.mfa.lastLoginCodeAt(user, purpose);
     if (last !== undefined && last > now - 60_000) throw new MfaError('rate-limited', 'a code was sent less than a minute ago: check your mailbox, or wait a minute', last + 60_000 - now);
-    if (this.mfa.loginCodesSince(user, now - 3600_000, purpose) >= 5) throw new MfaError('rate-limited', 'five codes were sent in the last hour: wait, or use another factor', 3600_000);
-    if (this.sending.has(user)) throw new MfaError('rate-limited', 'a code is being sent');
+    if ((await this.mfa.loginCodesSince(user, now - 3600_000, purpose)) >= 5) throw new MfaError('rate-limited', 'five codes were sent in the last hour: wait, or use another factor', 3600_000);
   }
 
   private async sendOrFail(mail: { to: string; subject: string; text: string }): Promise<void> {
@@ -557,48 +555,48 @@ export class MfaService {
 
   // ---- backup codes ----------------------------------------------------------------------------------------
 
-  backupGenerate(user: string, ip: string, rawProof: unknown): { codes: string[] } {
+  async backupGenerate(user: string, ip: string, rawProof: unknown): Promise<{ codes: string[] }> {
     const now = this.clock();
-    if (!this.hasFactor(user)) throw new MfaError('no-factor', 'register the app or an external address first');
+    if (!(await this.hasFactor(user))) throw new MfaError('no-factor', 'register the app or an external address first');
     const codes = Array.from({ length: BACKUP_COUNT }, () => {
       let s = '';
       for (let i = 0; i < 10; i++) s += BACKUP_ALPHABET[crypto.randomInt(BACKUP_ALPHABET.length)];
       return `${s.slice(0, 5)}-${s.slice(5)}`;
     });
-    this.changeWithProof(user, ip, rawProof, now, () => {
-      this.mfa.replaceBackupCodes(user, codes.map((c) => this.d.secrets.hashCode(user, normaliseBackup(c))), now);
-      this.audit('backup-generate', user, ip, { count: codes.length });
+    await this.changeWithProof(user, ip, rawProof, now, async () => {
+      await this.mfa.replaceBackupCodes(user, codes.map((c) => this.d.secrets.hashCode(user, normaliseBackup(c))), now);
+      await this.audit('backup-generate', user, ip, { count: codes.length });
     });
     return { codes };
   }
 
   // ---- enable / disable, own grants ------------------------------------------------------------------------
 
-  enable(user: string, ip: string): { mfa_enabled: true } {
-    if (!this.hasFactor(user)) throw new MfaError('no-factor', 'register the app or an external address before enabling MFA');
-    this.d.store.setUserFlag(user, 'mfa_enabled', true, 'api', this.clock(), `from ${ip}`);
+  async enable(user: string, ip: string): Promise<{ mfa_enabled: true }> {
+    if (!(await this.hasFactor(user))) throw new MfaError('no-factor', 'register the app or an external address before enabling MFA');
+    await this.d.store.setUserFlag(user, 'mfa_enabled', true, 'api', this.clock(), `from ${ip}`);
     return { mfa_enabled: true };
   }
 
-  disable(user: string, ip: string, rawProof: unknown): { mfa_enabled: false } {
+  async disable(user: string, ip: string, rawProof: unknown): Promise<{ mfa_enabled: false }> {
     const proof = this.parseProof(rawProof);
     if (!proof) throw new MfaError('proof-required');
     const now = this.clock();
-    this.consumeThen(user, ip, proof, now, () => {
-      this.audit('factor-pass', user, ip, { method: proof.method, for: 'change' });
-      this.d.store.setUserFlag(user, 'mfa_enabled', false, 'api', now, `from ${ip}`);
+    await this.consumeThen(user, ip, proof, now, async () => {
+      await this.audit('factor-pass', user, ip, { method: proof.method, for: 'change' });
+      await this.d.store.setUserFlag(user, 'mfa_enabled', false, 'api', now, `from ${ip}`);
     });
     return { mfa_enabled: false };
   }
 
-  grants(user: string): GrantView[] {
-    return this.d.store.listGrants({ user, now: this.clock() }).map((g) => this.grantView(g));
+  async grants(user: string): Promise<GrantView[]> {
+    return (await this.d.store.listGrants({ user, now: this.clock() })).map((g) => this.grantView(g));
   }
 
-  revokeGrant(user: string, ip: string, id: number): GrantView {
-    const g = this.d.store.grantById(id);
+  async revokeGrant(user: string, ip: string, id: number): Promise<GrantView> {
+    const g = await this.d.store.grantById(id);
     if (!g || g.user !== user) throw new MfaError('not-registered', 'no such grant for this user');
-    const [revoked] = this.d.store.revokeGrants({ id }, 'api', `revoked by the user from ${ip}`, this.clock());
+    const [revoked] = await this.d.store.revokeGrants({ id }, 'api', `revoked by the user from ${ip}`, this.clock());
     if (!revoked) throw new MfaError('conflict', 'the grant is no longer active');
     return this.grantView(revoked);
   }
@@ -612,21 +610,21 @@ export class MfaService {
   async passcodeCreate(user: string, ip: string, rawProof: unknown, rawName: unknown, rawProtocols: unknown): Promise<{ passcode: PasscodeView; code: string }> {
     // Said before anything else, so that a webmail can tell without spending a code.
     if (!this.config.appPasscodes.enabled) throw new MfaError('conflict', 'app passcodes are not enabled ([app_passcodes] enabled)');
-    const { name, protocols } = this.passcodeCall(() => this.passcodes.parseRequest(rawName, rawProtocols));
-    if (!this.hasFactor(user)) throw new MfaError('no-factor', 'register the app or an external address (and pass MFA) before making app passcodes');
+    const { name, protocols } = await this.passcodeCall(() => this.passcodes.parseRequest(rawName, rawProtocols));
+    if (!(await this.hasFactor(user))) throw new MfaError('no-factor', 'register the app or an external address (and pass MFA) before making app passcodes');
     const proof = this.parseProof(rawProof);
     if (!proof) throw new MfaError('proof-required');
     const made = await this.passcodes.prepare(user, name, protocols, undefined, 'api').catch(passcodeFailure);
     const now = this.clock();
-    const view = this.consumeThen(user, ip, proof, now, () => {
-      this.audit('factor-pass', user, ip, { method: proof.method, for: 'passcode' });
+    const view = await this.consumeThen(user, ip, proof, now, async () => {
+      await this.audit('factor-pass', user, ip, { method: proof.method, for: 'passcode' });
       return this.passcodeCall(made.insert);
     });
     this.d.logger.log('info', 'passcode-added', { user, ip, passcode: view.id, name: view.name, protocols: view.protocols.join(',') });
     return { passcode: view, code: groupPasscode(made.passcode) };
   }
 
-  passcodeList(user: string): PasscodeView[] {
+  async passcodeList(user: string): Promise<PasscodeView[]> {
     return this.passcodes.list(user);
   }
 
@@ -636,13 +634,13 @@ export class MfaService {
     return { enabled: c.enabled, max_per_user: c.maxPerUser, protocols: [...c.protocols] };
   }
 
-  passcodeRevoke(user: string, ip: string, id: number): PasscodeView {
+  async passcodeRevoke(user: string, ip: string, id: number): Promise<PasscodeView> {
     return this.passcodeCall(() => this.passcodes.revoke(user, id, 'api', `revoked by the user from ${ip}`));
   }
 
-  private passcodeCall<T>(fn: () => T): T {
+  private async passcodeCall<T>(fn: () => T | Promise<T>): Promise<T> {
     try {
-      return fn();
+      return await fn();
     } catch (e) {
       return passcodeFailure(e);
     }
@@ -651,37 +649,33 @@ export class MfaService {
   // ---- helpdesk --------------------------------------------------------------------------------------------
 
   /** After a lost phone: removes every factor and backup code, revokes every grant; MFA stays required. */
-  reset(user: string, actor: string, reason: string): { grantsRevoked: number; passcodesRevoked: number } {
+  async reset(user: string, actor: string, reason: string): Promise<{ grantsRevoked: number; passcodesRevoked: number }> {
     const now = this.clock();
-    return this.d.store.db
-      .transaction(() => {
-        if (!this.d.store.getUser(user)) throw new MfaError('not-registered', `unknown user "${user}"`);
-        this.mfa.deleteFactors(user);
-        this.mfa.deleteBackupCodes(user);
-        this.mfa.voidCodes(user, 'login', now);
-        this.mfa.voidCodes(user, 'verify', now);
-        this.mfa.clearFailures(user);
-        this.mfa.setLock(user, null, now);
-        const revoked = this.d.store.revokeGrants({ user }, actor, reason || 'factors reset', now);
+    return this.d.store.tx(async () => {
+        if (!(await this.d.store.getUser(user))) throw new MfaError('not-registered', `unknown user "${user}"`);
+        await this.mfa.deleteFactors(user);
+        await this.mfa.deleteBackupCodes(user);
+        await this.mfa.voidCodes(user, 'login', now);
+        await this.mfa.voidCodes(user, 'verify', now);
+        await this.mfa.clearFailures(user);
+        await this.mfa.setLock(user, null, now);
+        const revoked = await this.d.store.revokeGrants({ user }, actor, reason || 'factors reset', now);
         // A lost phone (or a changed password) must end every device too.
-        const passcodes = this.passcodes.revokeAll(user, actor, reason || 'factors reset');
-        this.d.store.audit(now, actor, 'user-reset', user, null, null, { reason, grants_revoked: revoked.length, passcodes_revoked: passcodes.length });
+        const passcodes = await this.passcodes.revokeAll(user, actor, reason || 'factors reset');
+        await this.d.store.audit(now, actor, 'user-reset', user, null, null, { reason, grants_revoked: revoked.length, passcodes_revoked: passcodes.length });
         return { grantsRevoked: revoked.length, passcodesRevoked: passcodes.length };
-      })
-      .immediate();
+      });
   }
 
   /** Helpdesk enrolment at the desk: a new confirmed secret, returned once to show as a QR code. */
-  enrollAtDesk(user: string, actor: string): { secret: string; uri: string } {
+  async enrollAtDesk(user: string, actor: string): Promise<{ secret: string; uri: string }> {
     const now = this.clock();
     const secret = newSecret();
-    this.d.store.db
-      .transaction(() => {
-        this.d.store.ensureUser(user, now);
-        this.mfa.updateFactors(user, { totp_secret: this.d.secrets.encrypt(Buffer.from(secret), `totp:${user}`), totp_confirmed_at: now, totp_last_step: null, totp_pending: null, totp_pending_at: null }, now);
-        this.d.store.audit(now, actor, 'totp-register', user, null, null, { at: 'helpdesk desk' });
-      })
-      .immediate();
+    await this.d.store.tx(async () => {
+        await this.d.store.ensureUser(user, now);
+        await this.mfa.updateFactors(user, { totp_secret: this.d.secrets.encrypt(Buffer.from(secret), `totp:${user}`), totp_confirmed_at: now, totp_last_step: null, totp_pending: null, totp_pending_at: null }, now);
+        await this.d.store.audit(now, actor, 'totp-register', user, null, null, { at: 'helpdesk desk' });
+      });
     return { secret, uri: otpauthUri(this.config.totp.issuer, user, secret) };
   }
 }

@@ -62,7 +62,7 @@ const types = {
  * Whether an error means this connection or host is no good (refused, reset, shut down, read-only now: a
  * demoted primary), as opposed to an error of the statement itself.
  */
-function isConnectionError(e: unknown): boolean {
+export function isConnectionError(e: unknown): boolean {
   const code = (e as { code?: unknown }).code;
   if (typeof code !== 'string' || !/^[0-9A-Z]{5}$/.test(code)) return true;
   return /^08|^57P0[123]|^25006|^53300/.test(code);
@@ -128,12 +128,20 @@ export class PgDb implements Queryable {
     throw new StoreError(`no host accepts writes (${problems.join('; ')})`);
   }
 
+  /**
+   * How many times a host was chosen (a new pool). When it moves, the server may be another one (a promoted
+   * standby that lacks the last transactions of the old primary, and hands out ids again): a reader that
+   * follows the change feed must load whole rather than trust the ids it has seen.
+   */
+  generation = 0;
+
   private async writablePool(): Promise<pg.Pool> {
     if (this.ended) throw new StoreError('the database connection is closed');
     if (this.pool) return this.pool;
     this.choosing ??= (async () => {
       const { host, client } = await this.connectWritable();
       await client.end().catch(() => undefined);
+      this.generation++;
       const pool = new pg.Pool({ ...this.config, ...host });
       // An idle client whose server went away: forget the pool; the next query chooses again.
       pool.on('error', () => this.drop(pool));

@@ -100,14 +100,23 @@ export class PgFeed {
 
   private async load(): Promise<void> {
     const started = performance.now();
+    const generation = this.db.generation;
     await loadPgCopy(this.db, this.copy, this.now());
+    // The connection the load used (a load that had to choose a host counts as on the host it chose).
+    this.loadedOn = generation === 0 ? this.db.generation : generation;
     this.hooks.loaded?.(performance.now() - started, this.copy.size());
   }
+
+  /** The connection generation (PgDb.generation) the copy was loaded on. */
+  private loadedOn = 0;
 
   private async catchUp(): Promise<void> {
     try {
       const p = (await this.db.query('SELECT upto FROM changes_purged WHERE id = 1')).rows[0];
-      if (((p?.['upto'] as number | undefined) ?? 0) > this.copy.lastChange) {
+      // Connected again, perhaps to another server (a promoted standby): the ids seen on the old one say
+      // nothing there. It may lack the old primary's last transactions and hand out their ids again; a copy
+      // that read on by id would skip those changes for good. It loads whole instead.
+      if (this.db.generation !== this.loadedOn || ((p?.['upto'] as number | undefined) ?? 0) > this.copy.lastChange) {
         await this.load();
       } else {
         for (;;) {

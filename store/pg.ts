@@ -174,13 +174,3 @@ export async function loadPgCopy(db: PgDb, copy: LiveCopy, now: number): Promise
     copy.replaceAll(users as unknown as unknown[][], grants as unknown as unknown[][], passcodes, (latest?.['id'] as number | undefined) ?? 0, now);
   }, 'ISOLATION LEVEL REPEATABLE READ READ ONLY');
 }
-
-/** Deletes changes written before `before`, noting how far (a node's copy further behind loads whole). */
-export async function purgePgChanges(db: PgDb, before: number): Promise<number> {
-  return db.begin(async (tx) => {
-    const upto = (await tx.query('SELECT max(id) AS upto FROM changes WHERE at <= $1', [before])).rows[0]?.['upto'] as number | null | undefined;
-    if (upto === null || upto === undefined) return 0;
-    await tx.query('UPDATE changes_purged SET upto = greatest(upto, $1) WHERE id = 1', [upto]);
-    return (await tx.query('DELETE FROM changes WHERE id <= $1', [upto])).rowCount;
-  });
-}

@@ -8,6 +8,23 @@ export class StoreError extends Error {
   override name = 'StoreError';
 }
 
+/**
+ * The store cannot be reached or written now (the database down or unreachable, the disk full, the file locked
+ * too long): nothing was changed, and trying again later may work. The API answers 503 store-unavailable.
+ */
+export class StoreUnavailableError extends StoreError {
+  override name = 'StoreUnavailableError';
+}
+
+/** SQLite's result codes that say the store cannot be used now, as opposed to a statement that is wrong. */
+const UNAVAILABLE_SQLITE = /^SQLITE_(BUSY|LOCKED|IOERR|READONLY|FULL|CANTOPEN|CORRUPT|NOTADB|PROTOCOL)/;
+
+export function sqliteUnavailable(e: unknown): StoreUnavailableError | undefined {
+  const code = (e as { code?: unknown }).code;
+  if (typeof code !== 'string' || !UNAVAILABLE_SQLITE.test(code)) return undefined;
+  return new StoreUnavailableError(`the store cannot be used now (${code}: ${(e as Error).message})`, { cause: e });
+}
+
 /** Mode of the store and its -wal and -shm files: the daemon's user only, like the secrets key. */
 export const STORE_FILE_MODE = 0o600;
 

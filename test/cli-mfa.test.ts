@@ -50,7 +50,7 @@ function svc(): MfaService {
   const config = loadConfig(configFile);
   store = Store.open(config.store.path, { create: false });
   service = new MfaService({
-    store,
+    store: store.records,
     config: () => config,
     secrets: createSecrets(loadOrCreateKey(config.secrets.keyFile)),
     mailer: () => ({ send: async () => undefined, close: () => undefined }),
@@ -160,7 +160,7 @@ t.test('users reset: factors, backup codes and grants go, MFA stays required, th
   // alice (enabled, app registered, a grant from the first test): add backup codes and a helpdesk grant.
   const secret = secretOf(run('totp', 'enroll', 'alice').stdout);
   await svc().verify('alice', IP, { method: 'totp', code: codeAt(secret, Date.now()) });
-  const { codes } = svc().backupGenerate('alice', IP, { method: 'totp', code: codeAt(secret, Date.now() + 30_000) });
+  const { codes } = await svc().backupGenerate('alice', IP, { method: 'totp', code: codeAt(secret, Date.now() + 30_000) });
   t.equal(codes.length, 10);
   t.equal(run('grants', 'add', '--user', 'alice', '--ip', '198.51.100.9').code, 0);
   t.match(run('users', 'show', 'alice').stdout, /backup codes:  10 left/);

@@ -34,7 +34,9 @@ async function works(passcode: string, protocol = 'imap', user = 'alice'): Promi
   const store = Store.open(path.join(dir, 'mfagate.db'), { create: false });
   try {
     const config = loadConfig(on);
-    const s = new PasscodeService({ store, config: () => config, logger: createLogger('error', { write: () => undefined }) });
+    const s = new PasscodeService({ store: store.records, config: () => config, logger: createLogger('error', { write: () => undefined }) });
+    // As in the daemon: checks read the in-memory copy of the store.
+    s.readFrom(store.liveCopy());
     return (await s.check({ user, passcode, ip: '203.0.113.5', protocol, isWebmail: () => false })).ok;
   } finally {
     store.close();

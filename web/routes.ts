@@ -29,8 +29,8 @@ export function signedInRoutes(k: Kit): { get: Record<string, Handler>; post: Re
   /** The last login code sent from this session, while it is still valid (the page asks for it). */
   const liveEmailSent = (c: Ctx) => (c.session?.emailSent && c.session.emailSent.expiresAt > clock() ? c.session.emailSent : undefined);
 
-  function homeModel(c: Routed): pages.HomeModel {
-    const st = d.mfa.status(c.user, c.ip);
+  async function homeModel(c: Routed): Promise<pages.HomeModel> {
+    const st = await d.mfa.status(c.user, c.ip);
     const block = ipBlock(c.ip);
     const emailSent = liveEmailSent(c);
     const m: pages.HomeModel = {
@@ -54,8 +54,8 @@ export function signedInRoutes(k: Kit): { get: Record<string, Handler>; post: Re
     return m;
   }
 
-  function settingsModel(c: Routed): pages.SettingsModel {
-    const st = d.mfa.status(c.user);
+  async function settingsModel(c: Routed): Promise<pages.SettingsModel> {
+    const st = await d.mfa.status(c.user);
     const emailSent = liveEmailSent(c);
     return {
       ipBlock: ipBlock(c.ip),
@@ -71,21 +71,21 @@ export function signedInRoutes(k: Kit): { get: Record<string, Handler>; post: Re
     };
   }
 
-  const renderHome = (c: Routed, status = 200, errors: Record<string, string> = {}) =>
-    send(c, status, pages.homePage(view(c, 'home', errors), homeModel(c)));
-  const renderSettings = (c: Routed, status = 200, errors: Record<string, string> = {}, values: Record<string, string> = {}) => {
+  const renderHome = async (c: Routed, status = 200, errors: Record<string, string> = {}) =>
+    send(c, status, pages.homePage(view(c, 'home', errors), await homeModel(c)));
+  const renderSettings = async (c: Routed, status = 200, errors: Record<string, string> = {}, values: Record<string, string> = {}) => {
     const v = view(c, 'settings', errors, values);
-    const m = settingsModel(c);
+    const m = await settingsModel(c);
     const config = d.config().appPasscodes;
-    const passcodes = config.enabled ? [passcodesSection(v, m, { list: d.mfa.passcodeList(c.user), max: config.maxPerUser, defaults: config.protocols })] : [];
+    const passcodes = config.enabled ? [passcodesSection(v, m, { list: await d.mfa.passcodeList(c.user), max: config.maxPerUser, defaults: config.protocols })] : [];
     send(c, status, pages.settingsPage(v, m, passcodes));
   };
 
   // ---- form helpers ----------------------------------------------------------------------------------------
 
   /** The proof a change needs once a factor is registered; undefined before the first one. */
-  function proof(c: Routed): { method: string; code: string } | undefined {
-    const st = d.mfa.status(c.user);
+  async function proof(c: Routed): Promise<{ method: string; code: string } | undefined> {
+    const st = await d.mfa.status(c.user);
     if (!st.factors.totp && st.factors.email === null) return undefined;
     return { method: value(c, 'method'), code: value(c, 'code') };
   }
@@ -111,30 +111,30 @@ export function signedInRoutes(k: Kit): { get: Record<string, Handler>; post: Re
    * The proof fields a change carries once a factor is registered (undefined before the first one). When the
    * code is empty, the form is shown again with the error next to it, and the answer is null.
    */
-  function proofOrAsk(c: Routed, formId: string, values: Record<string, string> = {}): { method: string; code: string } | undefined | null {
-    const p = proof(c);
+  async function proofOrAsk(c: Routed, formId: string, values: Record<string, string> = {}): Promise<{ method: string; code: string } | undefined | null> {
+    const p = await proof(c);
     if (p && p.code === '') {
-      renderSettings(c, 400, { [`${formId}.code`]: c.t.errCode }, values);
+      await renderSettings(c, 400, { [`${formId}.code`]: c.t.errCode }, values);
       return null;
     }
     return p;
   }
 
   /** A route for a change that needs the proof fields: the code must be there, then the change runs. */
-  function proofChange(formId: string, act: (c: Routed, p: { method: string; code: string } | undefined) => void): Handler {
-    return (c) => {
-      const p = proofOrAsk(c, formId);
+  function proofChange(formId: string, act: (c: Routed, p: { method: string; code: string } | undefined) => Promise<void>): Handler {
+    return async (c) => {
+      const p = await proofOrAsk(c, formId);
       if (p === null) return;
       return settingsAction(c, formId, () => act(c, p));
     };
   }
 
-  function firstRegistrationRefused(c: Routed): boolean {
+  async function firstRegistrationRefused(c: Routed): Promise<boolean> {
     if (d.config().web.firstRegistration !== 'trusted-only' || onTrustedNetwork(c.ip)) return false;
-    const st = d.mfa.status(c.user);
+    const st = await d.mfa.status(c.user);
     if (st.factors.totp || st.factors.email !== null) return false;
     notify(c, 'error', c.t.errTrustedOnly);
-    renderSettings(c, 403);
+    await renderSettings(c, 403);
     return true;
   }
 
@@ -151,8 +151,8 @@ export function signedInRoutes(k: Kit): { get: Record<string, Handler>; post: Re
       }
       send(c, 200, pages.enrolPage(view(c, 'other'), e));
     },
-    '/settings/email': (c) => {
-      const pending = d.mfa.status(c.user).factors.email_pending;
+    '/settings/email': async (c) => {
+      const pending = (await d.mfa.status(c.user)).factors.email_pending;
       if (pending === null) return redirect(c, '/settings');
       send(c, 200, pages.emailConfirmPage(view(c, 'other'), pending));
     },
@@ -208,19 +208,19 @@ export function signedInRoutes(k: Kit): { get: Record<string, Handler>; post: Re
       redirect(c, back);
     },
     '/mfa/enable': (c) =>
-      settingsAction(c, 'enable', () => {
-        d.mfa.enable(c.user, c.ip);
+      settingsAction(c, 'enable', async () => {
+        await d.mfa.enable(c.user, c.ip);
         notify(c, 'ok', c.t.enabledDone);
         redirect(c, '/settings');
       }),
-    '/mfa/disable': proofChange('disable', (c, p) => {
-      d.mfa.disable(c.user, c.ip, p);
+    '/mfa/disable': proofChange('disable', async (c, p) => {
+      await d.mfa.disable(c.user, c.ip, p);
       notify(c, 'ok', c.t.disabledDone);
       redirect(c, '/settings');
     }),
-    '/totp/begin': (c) => {
-      if (firstRegistrationRefused(c)) return;
-      const p = proofOrAsk(c, 'app-begin');
+    '/totp/begin': async (c) => {
+      if (await firstRegistrationRefused(c)) return;
+      const p = await proofOrAsk(c, 'app-begin');
       if (p === null) return;
       return settingsAction(c, 'app-begin', async () => {
         const r = await d.mfa.totpBegin(c.user, c.ip, p);
@@ -228,14 +228,14 @@ export function signedInRoutes(k: Kit): { get: Record<string, Handler>; post: Re
         redirect(c, '/settings/app');
       });
     },
-    '/totp/confirm': (c) => {
+    '/totp/confirm': async (c) => {
       const e = c.session.enrolment;
       if (!e) return redirect(c, '/settings');
       const code = value(c, 'code');
       const again = (status: number, text: string) => send(c, status, pages.enrolPage(view(c, 'other', { 'app-confirm.code': text }), e));
       if (code === '') return again(400, c.t.errCode);
       try {
-        d.mfa.totpConfirm(c.user, c.ip, code);
+        await d.mfa.totpConfirm(c.user, c.ip, code);
       } catch (err) {
         if (!(err instanceof MfaError)) throw err;
         if (err.code === 'conflict') {
@@ -253,17 +253,17 @@ export function signedInRoutes(k: Kit): { get: Record<string, Handler>; post: Re
       delete c.session.enrolment;
       redirect(c, '/settings');
     },
-    '/totp/remove': proofChange('app-remove', (c, p) => {
-      d.mfa.totpRemove(c.user, c.ip, p);
+    '/totp/remove': proofChange('app-remove', async (c, p) => {
+      await d.mfa.totpRemove(c.user, c.ip, p);
       notify(c, 'ok', c.t.appRemoved);
       redirect(c, '/settings');
     }),
-    '/email/register': (c) => {
+    '/email/register': async (c) => {
       const address = value(c, 'address');
       const values = { 'email-register.address': address, 'email-register.method': value(c, 'method') };
       if (address === '') return renderSettings(c, 400, { 'email-register.address': c.t.errRequired }, values);
-      if (firstRegistrationRefused(c)) return;
-      const p = proofOrAsk(c, 'email-register', values);
+      if (await firstRegistrationRefused(c)) return;
+      const p = await proofOrAsk(c, 'email-register', values);
       if (p === null) return;
       return settingsAction(
         c,
@@ -276,7 +276,7 @@ export function signedInRoutes(k: Kit): { get: Record<string, Handler>; post: Re
       );
     },
     '/email/confirm': async (c) => {
-      const pending = d.mfa.status(c.user).factors.email_pending;
+      const pending = (await d.mfa.status(c.user)).factors.email_pending;
       if (pending === null) return redirect(c, '/settings');
       const code = value(c, 'code');
       const again = (status: number, text: string) => send(c, status, pages.emailConfirmPage(view(c, 'other', { 'email-confirm.code': text }), pending));
@@ -290,16 +290,16 @@ export function signedInRoutes(k: Kit): { get: Record<string, Handler>; post: Re
       }
       redirect(c, '/settings');
     },
-    '/email/remove': proofChange('email-remove', (c, p) => {
-      d.mfa.emailRemove(c.user, c.ip, p);
+    '/email/remove': proofChange('email-remove', async (c, p) => {
+      await d.mfa.emailRemove(c.user, c.ip, p);
       notify(c, 'ok', c.t.emailRemoved);
       redirect(c, '/settings');
     }),
-    '/backup': proofChange('backup', (c, p) => {
-      c.session.backupCodes = d.mfa.backupGenerate(c.user, c.ip, p).codes;
+    '/backup': proofChange('backup', async (c, p) => {
+      c.session.backupCodes = (await d.mfa.backupGenerate(c.user, c.ip, p)).codes;
       redirect(c, '/settings/backup');
     }),
-    '/passcodes/add': (c) => {
+    '/passcodes/add': async (c) => {
       if (!d.config().appPasscodes.enabled) return redirect(c, '/settings');
       const formId = 'passcode-add';
       const name = value(c, 'name');
@@ -307,7 +307,7 @@ export function signedInRoutes(k: Kit): { get: Record<string, Handler>; post: Re
       const values = { [`${formId}.name`]: name, [`${formId}.protocols`]: protocols.join(','), [`${formId}.method`]: value(c, 'method') };
       if (name === '') return renderSettings(c, 400, { [`${formId}.name`]: c.t.pc.errName }, values);
       if (protocols.length === 0) return renderSettings(c, 400, { [`${formId}.protocols`]: c.t.pc.errProtocols }, values);
-      const p = proofOrAsk(c, formId, values);
+      const p = await proofOrAsk(c, formId, values);
       if (p === null) return;
       return settingsAction(
         c,
@@ -321,11 +321,11 @@ export function signedInRoutes(k: Kit): { get: Record<string, Handler>; post: Re
         (e) => (e.code === 'bad-request' ? (e.message.startsWith('protocols') ? 'protocols' : 'name') : undefined),
       );
     },
-    '/passcodes/revoke': (c) => {
+    '/passcodes/revoke': async (c) => {
       const raw = value(c, 'id');
       try {
         if (!/^[1-9]\d{0,15}$/.test(raw)) throw new MfaError('not-registered', 'no such passcode');
-        const p = d.mfa.passcodeRevoke(c.user, c.ip, Number(raw));
+        const p = await d.mfa.passcodeRevoke(c.user, c.ip, Number(raw));
         notify(c, 'ok', c.t.pc.revoked(p.name));
         d.logger.log('info', 'web-passcode-revoke', { user: c.user, ip: c.ip, passcode: p.id });
       } catch (e) {
@@ -334,14 +334,14 @@ export function signedInRoutes(k: Kit): { get: Record<string, Handler>; post: Re
       }
       redirect(c, '/settings');
     },
-    '/grants/revoke': (c) => {
+    '/grants/revoke': async (c) => {
       const raw = value(c, 'id');
       if (!/^[1-9]\d{0,15}$/.test(raw)) {
         notify(c, 'error', c.t.errGrantGone);
         return redirect(c, '/settings');
       }
       try {
-        const g = d.mfa.revokeGrant(c.user, c.ip, Number(raw));
+        const g = await d.mfa.revokeGrant(c.user, c.ip, Number(raw));
         notify(c, 'ok', c.t.revoked(g.block));
         d.logger.log('info', 'web-revoke', { user: c.user, ip: c.ip, grant: g.id, block: g.block });
       } catch (e) {

@@ -9,6 +9,7 @@ import { readLimitedBody } from '../daemon/http-body.js';
 import { errorText } from '../daemon/log.js';
 import type { MfaError, MfaErrorCode } from '../mfa/service.js';
 import { RangeList } from '../policy/address.js';
+import { StoreUnavailableError } from '../store/sqlite-file.js';
 import type { PolicySettings } from '../policy/decide.js';
 import { ForwardedError, clientIp } from './client-ip.js';
 import { type Ctx, type Kit, type Routed, type WebDeps, parseCookies } from './context.js';
@@ -142,7 +143,7 @@ export function createWebServer(d: WebDeps): WebServer {
     return text;
   }
 
-  const STATUS_OF: Partial<Record<MfaErrorCode, number>> = { 'factor-failed': 403, 'proof-required': 403, locked: 423, 'rate-limited': 429, 'mail-failed': 502 };
+  const STATUS_OF: Partial<Record<MfaErrorCode, number>> = { 'factor-failed': 403, 'proof-required': 403, locked: 423, 'rate-limited': 429, 'mail-failed': 502, 'store-unavailable': 503 };
   const statusOf = (e: MfaError) => STATUS_OF[e.code] ?? (e.status >= 500 ? 502 : 400);
 
 
@@ -269,8 +270,21 @@ export function createWebServer(d: WebDeps): WebServer {
     return route(ctx);
   }
 
+  /** The store down: the page says so in words (and that nothing changed), not as an internal error. */
+  async function handleOrSayStoreDown(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+    try {
+      await handle(req, res);
+    } catch (e) {
+      if (!(e instanceof StoreUnavailableError) || res.headersSent) throw e;
+      d.logger.repeated('error', 'web-store-unavailable', 'store', { path: (req.url ?? '').split('?')[0] ?? '', error: errorText(e) });
+      const lang: Lang = pickLang(req.headers['accept-language']);
+      const c = { req, res, lang, t: TEXT[lang], session: undefined, notices: [], path: '', ip: '', staleCookie: false, form: new URLSearchParams(), pre: undefined, flash: undefined } as Ctx;
+      send(c, 503, pages.messagePage(view(c, 'other'), '503', TEXT[lang].errors['store-unavailable'] ?? TEXT[lang].errServer));
+    }
+  }
+
   const server = http.createServer((req, res) => {
-    handle(req, res).catch((e: unknown) => {
+    handleOrSayStoreDown(req, res).catch((e: unknown) => {
       d.logger.log('error', 'web-failed', { path: (req.url ?? '').split('?')[0] ?? '', error: errorText(e) });
       if (!res.headersSent) {
         res.writeHead(500, { ...SECURITY_HEADERS, 'Content-Type': 'text/plain; charset=utf-8', 'Cache-Control': 'no-store' });

@@ -495,7 +495,7 @@ t.test('app passcodes: only with a passed factor, shown once, listed with their 
   t.same(list.json.passcodes.map((p: { name: string }) => p.name), ['iPhone']);
   t.same(list.json.app_passcodes, { enabled: true, max_per_user: 3, protocols: ['imap', 'pop3', 'smtp', 'sieve'] }, "and the site's settings, for the webmail");
   t.notMatch(list.text, new RegExp((made.json.code as string).slice(5, 14)), 'the list never shows the passcode');
-  const row = d.daemon.service.store.passcodes.byId(made.json.passcode.id as number);
+  const row = await d.daemon.service.store.passcodes.byId(made.json.passcode.id as number);
   t.ok(row && !row.hash.toString('latin1').includes((made.json.code as string).replace(/ /g, '')), 'the store keeps only a hash');
 
   // At most [app_passcodes] max_per_user (3 here).

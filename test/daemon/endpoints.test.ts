@@ -126,7 +126,7 @@ max_body_bytes = 2048
 reject_action = "554 5.7.1 MFA required: sign in to webmail from this network"
 `);
   store = Store.open(`${d.dir}/mfagate.db`);
-  store.setUserFlag('alice', 'mfa_enabled', true, 'test', Date.now());
+  await store.records.setUserFlag('alice', 'mfa_enabled', true, 'test', Date.now());
 });
 t.teardown(async () => {
   store.close();
@@ -163,9 +163,9 @@ t.test('Dovecot: a CLI revoke takes effect on the very next request', async (t) 
   const c = new RawHttp(d.dovecotPort);
   t.teardown(() => c.close());
   const now = Date.now();
-  const { grant } = store.addGrant({ user: 'alice', ip: '198.51.100.4', block: '198.51.100.4', ttlMs: 3600_000, method: 'helpdesk', source: 'cli', reason: '', actor: 'test', now });
+  const { grant } = await store.records.addGrant({ user: 'alice', ip: '198.51.100.4', block: '198.51.100.4', ttlMs: 3600_000, method: 'helpdesk', source: 'cli', reason: '', actor: 'test', now });
   t.same(JSON.parse((await c.post('/?command=allow', body('alice', '198.51.100.4'), KEY))?.body ?? ''), { status: 0 });
-  store.revokeGrants({ id: grant.id }, 'test', 'test', Date.now());
+  await store.records.revokeGrants({ id: grant.id }, 'test', 'test', Date.now());
   t.equal((JSON.parse((await c.post('/?command=allow', body('alice', '198.51.100.4'), KEY))?.body ?? '{}') as { status: number }).status, -1);
 });
 
@@ -178,12 +178,12 @@ t.test('Dovecot: report is recorded per user and address', async (t) => {
   t.equal(ok?.status, 200);
   const ghost = await c.post('/?command=report', body('ghost', '203.0.113.11', { success: false, policy_reject: false }), KEY);
   t.equal(ghost?.status, 200);
-  d.daemon.service.flushReports();
-  const [login] = store.loginsOf('alice');
+  await d.daemon.service.flushReports();
+  const [login] = await store.records.loginsOf('alice');
   t.match(login, { ip: '203.0.113.9', protocol: 'imap', lastSuccessAt: null });
   t.ok(login?.lastPolicyRejectAt, 'policy reject recorded');
-  t.ok(store.getUser('newbie'), 'a successful login makes the user known');
-  t.notOk(store.getUser('ghost'), 'a failed login for an unknown name does not create a user');
+  t.ok(await store.records.getUser('newbie'), 'a successful login makes the user known');
+  t.notOk(await store.records.getUser('ghost'), 'a failed login for an unknown name does not create a user');
 });
 
 t.test('Dovecot: bad input gets a clear status, never a crash', async (t) => {

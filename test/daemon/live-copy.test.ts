@@ -37,9 +37,9 @@ t.test('killed with -9, the daemon loads its copy again and decides as before', 
   const now = Date.now();
   for (let i = 0; i < 300; i++) {
     const user = `u${i}`;
-    s.setUserFlag(user, 'mfa_enabled', true, 'test', now);
-    s.addGrant({ user, ip: `198.51.100.${i % 250}`, block: `198.51.100.${i % 250}`, ttlMs: 3_600_000, method: 'totp', source: 'api', reason: '', actor: 'test', now });
-    if (i % 3 === 0) s.revokeGrants({ user }, 'test', '', now);
+    await s.records.setUserFlag(user, 'mfa_enabled', true, 'test', now);
+    await s.records.addGrant({ user, ip: `198.51.100.${i % 250}`, block: `198.51.100.${i % 250}`, ttlMs: 3_600_000, method: 'totp', source: 'api', reason: '', actor: 'test', now });
+    if (i % 3 === 0) await s.records.revokeGrants({ user }, 'test', '', now);
   }
   s.close();
   const answers = async () => {

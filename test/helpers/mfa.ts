@@ -9,6 +9,8 @@ import { MailError, type Mailer, type OutgoingMail } from '../../mfa/mailer.js';
 import { createSecrets, type Secrets } from '../../mfa/secrets.js';
 import { MfaError, type MfaErrorCode, MfaService } from '../../mfa/service.js';
 import { codeAt } from '../../mfa/totp.js';
+import type { LiveCopy } from '../../store/live-copy.js';
+import type { Records } from '../../store/records.js';
 import { Store } from '../../store/store.js';
 import { tempDir } from './daemon.js';
 
@@ -61,6 +63,10 @@ export interface Harness {
   dbFile: string;
   key: Buffer;
   store: Store;
+  /** `store.records`: the async records the service writes. */
+  records: Records;
+  /** The in-memory copy passcode checks read (as the daemon's do), kept current from the store's change feed. */
+  copy: LiveCopy;
   secrets: Secrets;
   config: Config;
   mailer: FakeMailer;
@@ -97,12 +103,17 @@ export function mfaHarness(opts: { toml?: string; now?: number; key?: Buffer; di
   const logger = createLogger('debug', { write: (l) => lines.push(l) });
   const clock = { now: opts.now ?? T0 };
   const sender: Mailer = opts.mailer ?? mailer;
-  const svc = new MfaService({ store, config: () => config, secrets, mailer: () => sender, logger, clock: () => clock.now });
+  const svc = new MfaService({ store: store.records, config: () => config, secrets, mailer: () => sender, logger, clock: () => clock.now });
+  // Passcode checks read the in-memory copy, as in the daemon.
+  const copy = store.liveCopy(() => clock.now);
+  svc.passcodes.readFrom(copy);
   const h: Harness = {
     dir,
     dbFile,
     key,
     store,
+    records: store.records,
+    copy,
     secrets,
     config,
     mailer,
@@ -117,7 +128,7 @@ export function mfaHarness(opts: { toml?: string; now?: number; key?: Buffer; di
     },
     async registerApp(user, ip = IP) {
       const { secret } = await svc.totpBegin(user, ip, undefined);
-      svc.totpConfirm(user, ip, codeAt(secret, clock.now));
+      await svc.totpConfirm(user, ip, codeAt(secret, clock.now));
       clock.now += STEP_MS;
       return secret;
     },

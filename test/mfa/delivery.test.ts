@@ -91,7 +91,7 @@ t.test('real delivery: confirm the external address and pass MFA with the code r
   h.advance(MINUTE);
   const g = await h.svc.verify('alice', IP, { method: 'email', code });
   t.match(g, { method: 'email', ip: IP, block: IP });
-  t.match(h.svc.status('alice', IP), { login: { needs_mfa: false }, grants: [{ id: g.id }] });
+  t.match(await h.svc.status('alice', IP), { login: { needs_mfa: false }, grants: [{ id: g.id }] });
   t.equal(await errorCode(() => h.svc.verify('alice', IP, { method: 'email', code })), 'factor-failed', 'and only once');
 
   // 4. The grant notice goes out too (fire and forget): wait for it so the mailer is idle before the stack stops.
@@ -107,5 +107,5 @@ t.test('a refused delivery is an error and nothing is stored', async (t) => {
   const before = h.store.db.prepare('SELECT count(*) AS n FROM email_codes').get() as { n: number };
   t.equal(await errorCode(() => h.svc.emailRegister('carol', IP, `nobody-here@${stack.domain}`, undefined)), 'mail-failed');
   t.same(h.store.db.prepare('SELECT count(*) AS n FROM email_codes').get(), before, 'no code stored');
-  t.equal(h.store.mfa.factors('carol'), undefined, 'no pending address');
+  t.equal(await h.records.mfa.factors('carol'), undefined, 'no pending address');
 });

@@ -147,7 +147,7 @@ t.test('send limits apply to confirmation mails too: one a minute, five an hour 
   h.clock.now = start + MINUTE - 1;
   t.equal(await errorCode(() => h.svc.emailRegister('alice', IP, 'victim2@example.com', undefined)), 'rate-limited', 'a second within the minute');
   t.equal(h.mailer.sent.length, 1, 'nothing more was sent');
-  t.match(h.svc.status('alice').factors, { email_pending: 'v***@example.com' });
+  t.match((await h.svc.status('alice')).factors, { email_pending: 'v***@example.com' });
   for (let i = 1; i < 5; i++) {
     h.clock.now = start + i * MINUTE;
     await h.svc.emailRegister('alice', IP, `victim${i + 1}@example.com`, undefined);
@@ -176,7 +176,7 @@ t.test('two concurrent confirmation mails: one sent, the other refused', async (
   open();
   await first;
   t.equal(h.mailer.sent.length, 1);
-  t.match(h.svc.status('alice').factors, { email_pending: 'o***@example.com' });
+  t.match((await h.svc.status('alice')).factors, { email_pending: 'o***@example.com' });
 });
 
 t.test('two concurrent sends: one mail, the other refused', async (t) => {
@@ -267,9 +267,9 @@ t.test('a failed send is an error, and nothing is stored or counted', async (t) 
   t.teardown(() => fresh.close());
   fresh.mailer.failWith = failingMailError();
   t.equal(await errorCode(() => fresh.svc.emailRegister('carol', IP, 'carol@example.com', undefined)), 'mail-failed');
-  t.equal(fresh.store.mfa.factors('carol')?.emailPending ?? null, null, 'no pending address');
+  t.equal((await fresh.records.mfa.factors('carol'))?.emailPending ?? null, null, 'no pending address');
   t.equal((fresh.store.db.prepare('SELECT count(*) AS n FROM email_codes').get() as { n: number }).n, 0, 'no code');
-  t.same(fresh.svc.status('carol').factors, { totp: false, email: null, email_pending: null, backup_codes_left: 0 });
+  t.same((await fresh.svc.status('carol')).factors, { totp: false, email: null, email_pending: null, backup_codes_left: 0 });
 });
 
 t.test('campus domains (and their subdomains) are refused as external addresses', async (t) => {
@@ -285,7 +285,7 @@ t.test('campus domains (and their subdomains) are refused as external addresses'
     t.match(err, { code: 'refused-domain', status: 422 }, `refused: ${a}`);
   }
   t.equal(h.mailer.sent.length, 0, 'nothing was sent');
-  t.equal(h.store.mfa.factors('alice'), undefined, 'nothing was stored');
+  t.equal(await h.records.mfa.factors('alice'), undefined, 'nothing was stored');
   for (const a of ['alice@notkit.ac.jp', 'alice@kit.ac.jp.example.com', 'alice@kyoto-u.ac.jp.evil.example']) {
     const fresh = mfaHarness({ toml: '[otp]\nrefused_email_domains = ["kit.ac.jp", "kyoto-u.ac.jp"]\n' });
     t.teardown(() => fresh.close());
@@ -305,7 +305,7 @@ t.test('the confirmation code: confirms the address once, lives 10 minutes, a ne
   t.match(mail.text, `Requested from IP address: ${IP}`);
   t.match(mail.text, `要求元 IP アドレス: ${IP}`);
   const first = codeIn(mail.text);
-  t.match(h.svc.status('alice').factors, { email: null, email_pending: 'a***@example.com' }, 'pending, not yet a factor');
+  t.match((await h.svc.status('alice')).factors, { email: null, email_pending: 'a***@example.com' }, 'pending, not yet a factor');
   t.equal(await errorCode(() => h.svc.enable('alice', IP)), 'no-factor', 'an unconfirmed address is not a factor');
 
   h.advance(10 * MINUTE);
@@ -317,7 +317,7 @@ t.test('the confirmation code: confirms the address once, lives 10 minutes, a ne
   const third = h.mailer.lastCode();
   if (second !== third) t.equal(await errorCode(() => h.svc.emailConfirm('alice', IP, second)), 'factor-failed', 'the older confirmation code is void');
   t.same(await h.svc.emailConfirm('alice', IP, third), { address: 'a***@example.com' });
-  t.match(h.svc.status('alice').factors, { email: 'a***@example.com', email_pending: null });
+  t.match((await h.svc.status('alice')).factors, { email: 'a***@example.com', email_pending: null });
   t.equal(await errorCode(() => h.svc.emailConfirm('alice', IP, third)), 'conflict', 'used once: nothing is waiting any more');
   t.equal(await errorCode(() => h.svc.emailConfirm('alice', IP, 42)), 'bad-request');
 });
@@ -330,7 +330,7 @@ t.test('one address per user: changing it needs a passed factor, the old address
   t.equal(await errorCode(() => h.svc.emailRegister('alice', IP, ADDR.toUpperCase(), undefined)), 'conflict', 'the same address again');
   t.equal(await errorCode(() => h.svc.emailRegister('alice', IP, NEW, email('00000000'))), 'factor-failed', 'a wrong proof: refused');
   t.equal(h.mailer.sent.length, 0, 'nothing was sent to the new address');
-  t.equal(h.store.mfa.factors('alice')?.emailPending ?? null, null);
+  t.equal((await h.records.mfa.factors('alice'))?.emailPending ?? null, null);
 
   // A code to the current address is the proof.
   await h.svc.sendLoginCode('alice', IP);
@@ -342,7 +342,7 @@ t.test('one address per user: changing it needs a passed factor, the old address
   t.equal(await errorCode(() => h.svc.emailRegister('alice', IP, NEW, email(proof === pendingLogin ? 'x' : proof))), 'factor-failed');
   await h.svc.emailRegister('alice', IP, NEW, email(pendingLogin));
   const confirm = h.mailer.lastCode(NEW);
-  t.match(h.svc.status('alice').factors, { email: 'a***@example.com', email_pending: 'a***@example.net' }, 'the old address stays until the new one is confirmed');
+  t.match((await h.svc.status('alice')).factors, { email: 'a***@example.com', email_pending: 'a***@example.net' }, 'the old address stays until the new one is confirmed');
 
   h.advance(MINUTE);
   await h.svc.sendLoginCode('alice', IP);
@@ -358,13 +358,13 @@ t.test('one address per user: changing it needs a passed factor, the old address
   t.match(notice.text, 'a***@example.net', 'with the new address, masked');
   t.notMatch(notice.text, NEW, 'not in full');
   t.match(notice.text, '198.51.100.8');
-  t.match(h.svc.status('alice').factors, { email: 'a***@example.net', email_pending: null });
+  t.match((await h.svc.status('alice')).factors, { email: 'a***@example.net', email_pending: null });
   t.equal(await errorCode(() => h.svc.verify('alice', IP, email(toOld))), 'factor-failed', 'a code sent to the old address is void');
   h.advance(MINUTE);
   await h.svc.sendLoginCode('alice', IP);
   t.equal(h.mailer.last().to, NEW, 'codes now go to the new address');
   t.ok(await h.svc.verify('alice', IP, email(h.mailer.lastCode(NEW))));
-  const audit = h.store.auditOf('alice', 100).map((a) => a.action);
+  const audit = (await h.records.auditOf('alice', 100)).map((a) => a.action);
   t.ok(audit.includes('email-change'), 'the change is audited');
 });
 
@@ -387,8 +387,8 @@ t.test('removing the address needs a factor and voids its codes', async (t) => {
   await h.svc.sendLoginCode('alice', IP);
   const code = h.mailer.lastCode();
   t.equal(await errorCode(() => h.svc.emailRemove('alice', IP, undefined)), 'proof-required');
-  h.svc.emailRemove('alice', IP, email(code));
-  t.match(h.svc.status('alice').factors, { email: null, email_pending: null });
+  await h.svc.emailRemove('alice', IP, email(code));
+  t.match((await h.svc.status('alice')).factors, { email: null, email_pending: null });
   t.equal(await errorCode(() => h.svc.sendLoginCode('alice', IP)), 'not-registered');
   t.equal(await errorCode(() => h.svc.emailRemove('alice', IP, undefined)), 'not-registered');
 });

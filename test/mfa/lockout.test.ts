@@ -15,16 +15,16 @@ t.test('five failures lock the user for 15 minutes: even the right code is refus
   const h = mfaHarness();
   t.teardown(() => h.close());
   const secret = await h.registerApp('alice');
-  t.equal(h.svc.status('alice').locked_until, null);
+  t.equal((await h.svc.status('alice')).locked_until, null);
   for (let i = 1; i <= 4; i++) {
     t.equal(await errorCode(() => h.svc.verify('alice', IP, wrongCode(h.totp(secret)))), 'factor-failed', `failure ${i}`);
     h.advance(10_000);
   }
-  t.equal(h.svc.status('alice').locked_until, null, 'four failures: not locked');
+  t.equal((await h.svc.status('alice')).locked_until, null, 'four failures: not locked');
   const lockedAt = h.clock.now;
   t.equal(await errorCode(() => h.svc.verify('alice', IP, wrongCode(h.totp(secret)))), 'factor-failed', 'the fifth failure is reported as a wrong code');
   const until = new Date(lockedAt + 15 * MINUTE).toISOString();
-  t.equal(h.svc.status('alice').locked_until, until, 'status shows the lock and when it ends');
+  t.equal((await h.svc.status('alice')).locked_until, until, 'status shows the lock and when it ends');
 
   h.advance(1000);
   let err: unknown;
@@ -39,18 +39,18 @@ t.test('five failures lock the user for 15 minutes: even the right code is refus
   t.equal(await errorCode(() => h.svc.sendLoginCode('alice', IP)), 'not-registered', '(no address registered: that is said first)');
   t.equal(await errorCode(() => h.svc.backupGenerate('alice', IP, { method: 'totp', code: h.totp(secret) })), 'locked', 'changes that need a proof are locked too');
   t.equal(await errorCode(() => h.svc.disable('alice', IP, { method: 'totp', code: h.totp(secret) })), 'locked', 'disabling too');
-  t.equal(h.store.mfa.failuresOfUser('alice', 0), 5, 'attempts while locked are not counted as more failures');
+  t.equal(await h.records.mfa.failuresOfUser('alice', 0), 5, 'attempts while locked are not counted as more failures');
 
   h.clock.now = lockedAt + 15 * MINUTE - 1;
   t.equal(await errorCode(() => h.svc.verify('alice', IP, { method: 'totp', code: h.totp(secret) })), 'locked', 'still locked 1 ms before the end');
-  t.not(h.svc.status('alice').locked_until, null);
+  t.not((await h.svc.status('alice')).locked_until, null);
   h.clock.now = lockedAt + 15 * MINUTE;
-  t.equal(h.svc.status('alice').locked_until, null, 'the lock has expired');
+  t.equal((await h.svc.status('alice')).locked_until, null, 'the lock has expired');
   const g = await h.svc.verify('alice', IP, { method: 'totp', code: h.totp(secret) });
   t.equal(g.ip, IP, 'the right code passes once the lock expired');
-  t.equal(h.store.mfa.failuresOfUser('alice', 0), 0, 'the pass cleared the failures');
+  t.equal(await h.records.mfa.failuresOfUser('alice', 0), 0, 'the pass cleared the failures');
 
-  const audit = h.store.auditOf('alice', 100);
+  const audit = await h.records.auditOf('alice', 100);
   const locks = audit.filter((a) => a.action === 'user-locked');
   t.equal(locks.length, 1, 'the lock is in the audit log');
   t.match(locks[0], { user: 'alice', ip: IP, detail: { until } });
@@ -69,9 +69,9 @@ t.test('failures older than the window do not count', async (t) => {
   for (let i = 0; i < 4; i++) {
     t.equal(await errorCode(() => h.svc.verify('alice', IP, wrongCode(h.totp(secret)))), 'factor-failed');
   }
-  t.equal(h.svc.status('alice').locked_until, null, '4 + 4 failures, 15 minutes apart: not locked');
+  t.equal((await h.svc.status('alice')).locked_until, null, '4 + 4 failures, 15 minutes apart: not locked');
   t.equal(await errorCode(() => h.svc.verify('alice', IP, wrongCode(h.totp(secret)))), 'factor-failed');
-  t.not(h.svc.status('alice').locked_until, null, 'the fifth inside the window locks');
+  t.not((await h.svc.status('alice')).locked_until, null, 'the fifth inside the window locks');
 });
 
 t.test('every kind of failed code counts: app confirmation, address confirmation, e-mailed and backup codes', async (t) => {
@@ -80,8 +80,8 @@ t.test('every kind of failed code counts: app confirmation, address confirmation
   const { secret } = await h.svc.totpBegin('alice', IP, undefined);
   const right = h.totp(secret);
   t.equal(await errorCode(() => h.svc.totpConfirm('alice', IP, right === '000000' ? '111111' : '000000')), 'factor-failed');
-  h.svc.totpConfirm('alice', IP, right);
-  t.equal(h.store.mfa.failuresOfUser('alice', 0), 0, 'a passed confirmation clears the count');
+  await h.svc.totpConfirm('alice', IP, right);
+  t.equal(await h.records.mfa.failuresOfUser('alice', 0), 0, 'a passed confirmation clears the count');
   h.advance(STEP_MS);
   await h.svc.emailRegister('alice', IP, 'alice@example.com', { method: 'totp', code: h.totp(secret) });
   const sent = h.mailer.lastCode('alice@example.com');
@@ -89,10 +89,10 @@ t.test('every kind of failed code counts: app confirmation, address confirmation
   t.equal(await errorCode(() => h.svc.verify('alice', IP, { method: 'backup', code: 'aaaaa-aaaaa' })), 'factor-failed');
   t.equal(await errorCode(() => h.svc.verify('alice', IP, { method: 'email', code: '12345678' })), 'factor-failed');
   t.equal(await errorCode(() => h.svc.verify('alice', IP, wrongCode(h.totp(secret)))), 'factor-failed');
-  t.equal(h.store.mfa.failuresOfUser('alice', 0), 4);
-  t.equal(h.svc.status('alice').locked_until, null);
+  t.equal(await h.records.mfa.failuresOfUser('alice', 0), 4);
+  t.equal((await h.svc.status('alice')).locked_until, null);
   t.equal(await errorCode(() => h.svc.emailConfirm('alice', IP, sent === '000000' ? '111111' : '000000')), 'factor-failed');
-  t.not(h.svc.status('alice').locked_until, null, 'the fifth, of any kind, locks');
+  t.not((await h.svc.status('alice')).locked_until, null, 'the fifth, of any kind, locks');
   t.equal(await errorCode(() => h.svc.emailConfirm('alice', IP, sent)), 'locked', 'confirming the address waits too');
   t.equal(await errorCode(() => h.svc.totpConfirm('alice', IP, '123456')), 'locked', 'and an app confirmation');
 });
@@ -106,11 +106,11 @@ t.test('the limits are configurable', async (t) => {
   await errorCode(() => h.svc.verify('alice', IP, wrongCode(h.totp(secret))));
   h.advance(5 * MINUTE);
   await errorCode(() => h.svc.verify('alice', IP, wrongCode(h.totp(secret))));
-  t.equal(h.svc.status('alice').locked_until, null, 'the first two fell out of the 5-minute window');
+  t.equal((await h.svc.status('alice')).locked_until, null, 'the first two fell out of the 5-minute window');
   await errorCode(() => h.svc.verify('alice', IP, wrongCode(h.totp(secret))));
   const t3 = h.clock.now;
   await errorCode(() => h.svc.verify('alice', IP, wrongCode(h.totp(secret))));
-  t.equal(h.svc.status('alice').locked_until, new Date(t3 + 60 * MINUTE).toISOString(), 'three in 5 minutes lock for an hour');
+  t.equal((await h.svc.status('alice')).locked_until, new Date(t3 + 60 * MINUTE).toISOString(), 'three in 5 minutes lock for an hour');
   h.advance(59 * MINUTE);
   t.equal(await errorCode(() => h.svc.verify('alice', IP, { method: 'totp', code: h.totp(secret) })), 'locked');
   h.advance(MINUTE);
@@ -121,22 +121,22 @@ t.test('the helpdesk unlocks a user; the audit log names who', async (t) => {
   const h = mfaHarness();
   t.teardown(() => h.close());
   const secret = await h.registerApp('alice');
-  t.equal(h.svc.unlock('alice', 'helpdesk:tanaka'), false, 'not locked: nothing to do');
+  t.equal(await h.svc.unlock('alice', 'helpdesk:tanaka'), false, 'not locked: nothing to do');
   for (let i = 0; i < 5; i++) await errorCode(() => h.svc.verify('alice', IP, wrongCode(h.totp(secret))));
-  t.not(h.svc.status('alice').locked_until, null);
+  t.not((await h.svc.status('alice')).locked_until, null);
   h.advance(MINUTE);
-  t.equal(h.svc.unlock('alice', 'helpdesk:tanaka'), true, 'was locked');
-  t.equal(h.svc.status('alice').locked_until, null);
-  t.equal(h.store.mfa.failuresOfUser('alice', 0), 0, 'the failures are forgotten too');
+  t.equal(await h.svc.unlock('alice', 'helpdesk:tanaka'), true, 'was locked');
+  t.equal((await h.svc.status('alice')).locked_until, null);
+  t.equal(await h.records.mfa.failuresOfUser('alice', 0), 0, 'the failures are forgotten too');
   // One more failure does not lock again at once.
   t.equal(await errorCode(() => h.svc.verify('alice', IP, wrongCode(h.totp(secret)))), 'factor-failed');
-  t.equal(h.svc.status('alice').locked_until, null, 'a new failure after the unlock does not re-lock');
+  t.equal((await h.svc.status('alice')).locked_until, null, 'a new failure after the unlock does not re-lock');
   t.ok(await h.svc.verify('alice', IP, { method: 'totp', code: h.totp(secret) }), 'the right code passes');
   t.match(
-    h.store.auditOf('alice', 50).find((a) => a.action === 'user-unlock'),
+    (await h.records.auditOf('alice', 50)).find((a) => a.action === 'user-unlock'),
     { actor: 'helpdesk:tanaka', user: 'alice' },
   );
-  t.equal(h.svc.unlock('nobody-here', 'helpdesk'), false, 'an unknown user: false, no error');
+  t.equal(await h.svc.unlock('nobody-here', 'helpdesk'), false, 'an unknown user: false, no error');
 });
 
 t.test('a per-address limit across users: guessing many users from one address is stopped', async (t) => {
@@ -150,7 +150,7 @@ t.test('a per-address limit across users: guessing many users from one address i
       t.equal(await errorCode(() => h.svc.verify(u, attacker, wrongCode(h.totp(secrets.get(u) ?? '')))), 'factor-failed');
     }
   }
-  for (const u of ['u1', 'u2', 'u3']) t.equal(h.svc.status(u).locked_until, null, `${u} has 2 failures: not locked`);
+  for (const u of ['u1', 'u2', 'u3']) t.equal((await h.svc.status(u)).locked_until, null, `${u} has 2 failures: not locked`);
   // The address has 6 failures: the next attempt from it is refused, for any user, even with the right code.
   let err: unknown;
   try {
@@ -160,7 +160,7 @@ t.test('a per-address limit across users: guessing many users from one address i
   }
   t.match(err, { code: 'rate-limited', status: 429 }, 'the right code of another user is refused from that address');
   t.equal(await errorCode(() => h.svc.verify('new-name', attacker, WRONG)), 'rate-limited', 'guessed names too');
-  t.equal(h.store.mfa.failuresOfBlock(attacker, 0), 6, 'refused attempts are not recorded as more failures');
+  t.equal(await h.records.mfa.failuresOfBlock(attacker, 0), 6, 'refused attempts are not recorded as more failures');
   const g = await h.svc.verify('u4', '198.51.100.4', { method: 'totp', code: h.totp(secrets.get('u4') ?? '') });
   t.equal(g.ip, '198.51.100.4', 'another address is not affected');
   h.advance(15 * MINUTE);
@@ -170,12 +170,12 @@ t.test('a per-address limit across users: guessing many users from one address i
 t.test('status: locked_until is null, an ISO time while locked, null again once expired', async (t) => {
   const h = mfaHarness();
   t.teardown(() => h.close());
-  t.equal(h.svc.status('nobody').locked_until, null, 'an unknown user');
+  t.equal((await h.svc.status('nobody')).locked_until, null, 'an unknown user');
   const secret = await h.registerApp('alice');
   for (let i = 0; i < 5; i++) await errorCode(() => h.svc.verify('alice', IP, wrongCode(h.totp(secret))));
-  const s = h.svc.status('alice');
+  const s = await h.svc.status('alice');
   t.match(s.locked_until, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/);
   t.equal(Date.parse(s.locked_until ?? ''), h.clock.now + 15 * MINUTE);
   h.advance(15 * MINUTE);
-  t.equal(h.svc.status('alice').locked_until, null);
+  t.equal((await h.svc.status('alice')).locked_until, null);
 });

@@ -11,7 +11,7 @@ import { codeAt } from '../../mfa/totp.js';
 import { ROOT } from '../helpers/daemon.js';
 import { errorCode, IP, mfaHarness, STEP_MS } from '../helpers/mfa.js';
 
-const grantsOf = (h: ReturnType<typeof mfaHarness>, user = 'alice') => h.store.listGrants({ user, now: h.clock.now, all: true });
+const grantsOf = (h: ReturnType<typeof mfaHarness>, user = 'alice') => h.records.listGrants({ user, now: h.clock.now, all: true });
 
 t.test('the same code twice: the second is refused and counted as a failure', async (t) => {
   const h = mfaHarness();
@@ -23,14 +23,14 @@ t.test('the same code twice: the second is refused and counted as a failure', as
   h.advance(1000);
   t.equal(await errorCode(() => h.svc.verify('alice', IP, { method: 'totp', code })), 'factor-failed', 'same code, same step: refused');
   t.equal(await errorCode(() => h.svc.verify('alice', '198.51.100.9', { method: 'totp', code })), 'factor-failed', 'from another address too');
-  t.equal(h.store.mfa.failuresOfUser('alice', 0), 2, 'both replays count as failures');
+  t.equal(await h.records.mfa.failuresOfUser('alice', 0), 2, 'both replays count as failures');
   // An older code (the previous step, still inside the drift window) is refused once a newer one was used.
   t.equal(await errorCode(() => h.svc.verify('alice', IP, { method: 'totp', code: h.totp(secret, -STEP_MS) })), 'factor-failed', 'an older step is refused');
   // The code of the next time step is a new code.
   h.advance(STEP_MS);
   const next = await h.svc.verify('alice', IP, { method: 'totp', code: h.totp(secret) });
   t.equal(next.id, g.id, 'the next step passes (extending the same grant)');
-  t.equal(h.store.mfa.failuresOfUser('alice', 0), 0, 'a pass clears the failures');
+  t.equal(await h.records.mfa.failuresOfUser('alice', 0), 0, 'a pass clears the failures');
 });
 
 t.test('the code used to confirm the app cannot be used again to create a grant', async (t) => {
@@ -38,9 +38,9 @@ t.test('the code used to confirm the app cannot be used again to create a grant'
   t.teardown(() => h.close());
   const { secret } = await h.svc.totpBegin('alice', IP, undefined);
   const code = h.totp(secret);
-  h.svc.totpConfirm('alice', IP, code);
+  await h.svc.totpConfirm('alice', IP, code);
   t.equal(await errorCode(() => h.svc.verify('alice', IP, { method: 'totp', code })), 'factor-failed');
-  t.equal(grantsOf(h).length, 0);
+  t.equal((await grantsOf(h)).length, 0);
 });
 
 t.test('a code used as proof for a change cannot be used again for a grant', async (t) => {
@@ -48,7 +48,7 @@ t.test('a code used as proof for a change cannot be used again for a grant', asy
   t.teardown(() => h.close());
   const secret = await h.registerApp('alice');
   const code = h.totp(secret);
-  const { codes } = h.svc.backupGenerate('alice', IP, { method: 'totp', code });
+  const { codes } = await h.svc.backupGenerate('alice', IP, { method: 'totp', code });
   t.equal(codes.length, 10);
   t.equal(await errorCode(() => h.svc.verify('alice', IP, { method: 'totp', code })), 'factor-failed');
 });
@@ -70,7 +70,7 @@ t.test('two concurrent verify calls with the same code: exactly one passes', asy
     t.equal(passed.length, 1, `round ${round}: exactly one of three passes`);
     for (const r of results) if (r.status === 'rejected') t.match(r.reason, { code: 'factor-failed' });
   }
-  t.equal(grantsOf(h).length, 5, 'one grant per round');
+  t.equal((await grantsOf(h)).length, 5, 'one grant per round');
 });
 
 t.test('two processes racing the same code on the same SQLite file: exactly one grant', async (t) => {
@@ -100,7 +100,7 @@ t.test('two processes racing the same code on the same SQLite file: exactly one 
     const config = loadConfig(undefined, dir);
     let now = 0;
     const svc = new MfaService({
-      store, config: () => config, secrets: createSecrets(loadOrCreateKey(keyFile)),
+      store: store.records, config: () => config, secrets: createSecrets(loadOrCreateKey(keyFile)),
       mailer: () => ({ async send() {}, close() {} }), logger: createLogger('error', { write() {} }), clock: () => now,
     });
     process.stdout.write('ready\\n');
@@ -156,7 +156,7 @@ t.test('two processes racing the same code on the same SQLite file: exactly one 
   }
   await Promise.all([stop(a.child), stop(b.child)]);
   h.clock.now = now;
-  const grants = grantsOf(h);
+  const grants = await grantsOf(h);
   t.equal(grants.length, rounds, `exactly ${rounds} grants, one per round`);
   t.same(new Set(grants.map((g) => g.ip)).size, rounds, 'each for its own round');
   const passes = h.store.db.prepare("SELECT count(*) AS n FROM audit WHERE action = 'factor-pass' AND user = 'alice'").get() as { n: number };

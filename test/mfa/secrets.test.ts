@@ -5,6 +5,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
 import { createSecrets, loadOrCreateKey, openSecrets, SecretsError } from '../../mfa/secrets.js';
+import { sqliteStore } from '../../store/open.js';
 import { tempDir } from '../helpers/daemon.js';
 import { IP, mfaHarness } from '../helpers/mfa.js';
 
@@ -153,7 +154,7 @@ t.test('the TOTP seed is not in the SQLite file: neither in base32 nor as bytes;
   const pendingBytes = h.dbBytes();
   t.equal(pendingBytes.indexOf(begun.secret), -1, 'the pending seed is not in the file (base32)');
   t.equal(pendingBytes.indexOf(raw.toString('latin1')), -1, 'nor as raw bytes');
-  h.svc.totpConfirm('alice', IP, h.totp(begun.secret));
+  await h.svc.totpConfirm('alice', IP, h.totp(begun.secret));
   // Force everything into the main file as well, then look at the file, the WAL and the shared memory.
   h.store.db.pragma('wal_checkpoint(FULL)');
   const bytes = h.dbBytes();
@@ -178,7 +179,7 @@ t.test('a service started with another key cannot use the stored seed (refuses, 
   const other = mfaHarness({ dir: h.dir, key: crypto.randomBytes(32), now: h.clock.now });
   t.teardown(() => other.store.close());
   await t.rejects(other.svc.verify('alice', IP, { method: 'totp', code: other.totp(secret) }), SecretsError);
-  t.equal(h.store.listGrants({ user: 'alice', now: h.clock.now }).length, 0, 'no grant');
+  t.equal((await h.records.listGrants({ user: 'alice', now: h.clock.now })).length, 0, 'no grant');
 });
 
 t.test('openSecrets never replaces a key the store depends on', async (t) => {
@@ -186,14 +187,14 @@ t.test('openSecrets never replaces a key the store depends on', async (t) => {
   t.teardown(() => h.close());
   const keyFile = path.join(dir, 'guard/secret.key');
   // A fresh store: the key is created.
-  const first = openSecrets(keyFile, h.store);
+  const first = await openSecrets(keyFile, sqliteStore(h.store));
   t.ok(fs.existsSync(keyFile));
   // Seal something with it, as an enrolment would.
-  h.store.mfa.updateFactors('alice', { totp_secret: first.encrypt(Buffer.from('JBSWY3DPEHPK3PXP'), 'totp:alice') }, Date.now());
-  t.ok(openSecrets(keyFile, h.store), 'the same key opens it again');
+  await h.records.mfa.updateFactors('alice', { totp_secret: first.encrypt(Buffer.from('JBSWY3DPEHPK3PXP'), 'totp:alice') }, Date.now());
+  t.ok(await openSecrets(keyFile, sqliteStore(h.store)), 'the same key opens it again');
   fs.renameSync(keyFile, `${keyFile}.moved`);
-  t.throws(() => openSecrets(keyFile, h.store), /does not exist, but the store holds app registrations/, 'a missing key is not silently recreated');
+  await t.rejects(openSecrets(keyFile, sqliteStore(h.store)), /does not exist, but the store holds app registrations/, 'a missing key is not silently recreated');
   t.notOk(fs.existsSync(keyFile), 'and no new key file was written');
   fs.writeFileSync(keyFile, crypto.randomBytes(32).toString('base64') + '\n', { mode: 0o600 });
-  t.throws(() => openSecrets(keyFile, h.store), /does not open the app registrations/, 'a different key is refused');
+  await t.rejects(openSecrets(keyFile, sqliteStore(h.store)), /does not open the app registrations/, 'a different key is refused');
 });

@@ -64,28 +64,28 @@ t.test('after each of 600 random changes, from this connection and another, the 
     kinds.set(kind, (kinds.get(kind) ?? 0) + 1);
     switch (kind) {
       case 'grant':
-        by.addGrant(grant(user, block, now, (1 + r(4)) * HOUR));
+        await by.records.addGrant(grant(user, block, now, (1 + r(4)) * HOUR));
         break;
       case 'revoke-one':
-        by.revokeGrants({ user, block }, 'test', '', now);
+        await by.records.revokeGrants({ user, block }, 'test', '', now);
         break;
       case 'revoke-user':
-        by.revokeGrants({ user }, 'test', '', now);
+        await by.records.revokeGrants({ user }, 'test', '', now);
         break;
       case 'enable':
       case 'disable':
-        by.setUserFlag(user, 'mfa_enabled', kind === 'enable', 'test', now);
+        await by.records.setUserFlag(user, 'mfa_enabled', kind === 'enable', 'test', now);
         break;
       case 'exempt':
       case 'unexempt':
-        by.setUserFlag(user, 'exempt', kind === 'exempt', 'test', now);
+        await by.records.setUserFlag(user, 'exempt', kind === 'exempt', 'test', now);
         break;
       case 'time':
         // Expiry is checked when the copy answers: nothing tells it a grant ran out.
         now += r(3) * HOUR;
         break;
       case 'purge':
-        by.purgeGrants(now - HOUR, now);
+        await by.records.purgeGrants(now - HOUR, now);
         break;
     }
     t.same(answers(copy, now), answers(s, now), `step ${i} (${kind} by ${by === s ? 'this connection' : 'another'})`);
@@ -102,23 +102,23 @@ t.test('a revoke by another connection is seen by the very next lookup', async (
     s.close();
     cli.close();
   });
-  s.setUserFlag('alice', 'mfa_enabled', true, 'test', T0);
-  const g = s.addGrant(grant('alice', '203.0.113.1', T0)).grant;
+  await s.records.setUserFlag('alice', 'mfa_enabled', true, 'test', T0);
+  const g = (await s.records.addGrant(grant('alice', '203.0.113.1', T0))).grant;
   const copy = s.liveCopy(() => T0);
   t.same(copy.lookup('alice', '203.0.113.1', T0), { user: { mfaEnabled: true, exempt: false }, grant: { id: g.id, expiresAt: T0 + HOUR } });
-  cli.revokeGrants({ id: g.id }, 'helpdesk', 'lost phone', T0);
+  await cli.records.revokeGrants({ id: g.id }, 'helpdesk', 'lost phone', T0);
   t.equal(copy.lookup('alice', '203.0.113.1', T0).grant, undefined, 'the revoked grant is gone at once');
-  cli.setUserFlag('alice', 'exempt', true, 'test', T0);
+  await cli.records.setUserFlag('alice', 'exempt', true, 'test', T0);
   t.same(copy.lookup('alice', '203.0.113.1', T0).user, { mfaEnabled: true, exempt: true }, 'so is a flag set elsewhere');
 });
 
 t.test('loaded at start: flagged users and active grants only; expired ones are not kept', async (t) => {
   const s = Store.open(path.join(dir, 'load.db'), { create: true });
   t.teardown(() => s.close());
-  for (let i = 0; i < 50; i++) s.addGrant(grant(`u${i}`, '203.0.113.1', T0, (i % 2 === 0 ? 1 : 10) * HOUR));
-  s.setUserFlag('u1', 'mfa_enabled', true, 'test', T0);
-  s.setUserFlag('u2', 'exempt', true, 'test', T0);
-  s.recordLogins([{ user: 'plain', ip: '203.0.113.9', protocol: 'imap', success: true, policyReject: false, at: T0 }]);
+  for (let i = 0; i < 50; i++) await s.records.addGrant(grant(`u${i}`, '203.0.113.1', T0, (i % 2 === 0 ? 1 : 10) * HOUR));
+  await s.records.setUserFlag('u1', 'mfa_enabled', true, 'test', T0);
+  await s.records.setUserFlag('u2', 'exempt', true, 'test', T0);
+  await s.records.recordLogins([{ user: 'plain', ip: '203.0.113.9', protocol: 'imap', success: true, policyReject: false, at: T0 }]);
   const later = T0 + 2 * HOUR;
   const copy = s.liveCopy(() => later);
   t.same(copy.size(), { flaggedUsers: 2, grants: 25, passcodes: 0 }, 'two flagged users; the 25 grants still active two hours on');
@@ -142,15 +142,15 @@ t.test('a copy further behind than the purged feed loads whole, and answers righ
     reads++;
     reload(c, now);
   };
-  cli.setUserFlag('bob', 'mfa_enabled', true, 'test', T0);
-  cli.addGrant(grant('bob', '198.51.100.7', T0));
+  await cli.records.setUserFlag('bob', 'mfa_enabled', true, 'test', T0);
+  await cli.records.addGrant(grant('bob', '198.51.100.7', T0));
   // Purge every change the copy has not read (as a daemon does after a day): it cannot replay them.
-  t.ok(cli.purgeChanges(Date.now() + 1000) >= 2, 'the feed was purged');
+  t.ok((await cli.records.purgeChanges(Date.now() + 1000)) >= 2, 'the feed was purged');
   const r = copy.lookup('bob', '198.51.100.7', T0);
   t.equal(reads, 1, 'the copy loaded whole once');
   t.same(r.user, { mfaEnabled: true, exempt: false });
   t.ok(r.grant, 'with the grant it never saw as a change');
-  cli.revokeGrants({ user: 'bob' }, 'test', '', T0);
+  await cli.records.revokeGrants({ user: 'bob' }, 'test', '', T0);
   t.equal(copy.lookup('bob', '198.51.100.7', T0).grant, undefined);
   t.equal(reads, 1, 'and then follows the feed again');
 });
@@ -163,8 +163,8 @@ t.test('a store that cannot be read: the copy answers as it was, says so once, a
     s.close();
     cli.close();
   });
-  s.setUserFlag('carol', 'mfa_enabled', true, 'test', T0);
-  s.addGrant(grant('carol', '203.0.113.2', T0));
+  await s.records.setUserFlag('carol', 'mfa_enabled', true, 'test', T0);
+  await s.records.addGrant(grant('carol', '203.0.113.2', T0));
   const said: string[] = [];
   const copy = s.liveCopy(() => T0, { failed: (e) => said.push(`failed: ${String(e)}`), recovered: () => said.push('recovered') });
   // Break this connection's reads of the feed (as an I/O error would).
@@ -174,7 +174,7 @@ t.test('a store that cannot be read: the copy answers as it was, says so once, a
     if (broken) throw new Error('disk I/O error');
     return realLatest();
   };
-  cli.revokeGrants({ user: 'carol' }, 'test', '', T0);
+  await cli.records.revokeGrants({ user: 'carol' }, 'test', '', T0);
   for (let i = 0; i < 5; i++) t.ok(copy.lookup('carol', '203.0.113.2', T0).grant, `lookup ${i}: the copy as it was`);
   t.same(said, ['failed: Error: disk I/O error'], 'said once, not per lookup');
   broken = false;
@@ -186,7 +186,7 @@ t.test('the feed is written by the schema itself: a writer that knows nothing of
   const file = path.join(dir, 'sql.db');
   const s = Store.open(file, { create: true });
   t.teardown(() => s.close());
-  s.addGrant(grant('dave', '203.0.113.1', T0));
+  await s.records.addGrant(grant('dave', '203.0.113.1', T0));
   const copy = s.liveCopy(() => T0);
   const db = new Database(file);
   db.prepare("UPDATE users SET mfa_enabled = 1 WHERE name = 'dave'").run();
@@ -209,19 +209,19 @@ t.test('passcodes: made, revoked and purged by another connection are seen by th
     cli.close();
   });
   const row = (selector: string, user = 'erin') => ({ user, name: 'phone', selector, salt: Buffer.alloc(16, 1), hash: Buffer.alloc(32, 2), kdf: 'scrypt:n=4096,r=8,p=1', protocols: ['imap'], createdBy: 'web', expiresAt: null, now: T0 });
-  const kept = s.passcodes.insert(row('aaaaa'));
+  const kept = await s.records.passcodes.insert(row('aaaaa'));
   const copy = s.liveCopy(() => T0);
   t.match(copy.bySelector('aaaaa'), { id: kept, user: 'erin', revokedAt: null }, 'loaded at start');
-  const made = cli.passcodes.insert(row('bbbbb'));
+  const made = await cli.records.passcodes.insert(row('bbbbb'));
   t.match(copy.byId(made), { selector: 'bbbbb', protocols: ['imap'] }, 'one made elsewhere is there at the next read');
-  cli.passcodes.revoke(made, 'cli:helpdesk', T0);
+  await cli.records.passcodes.revoke(made, 'cli:helpdesk', T0);
   t.match(copy.bySelector('bbbbb'), { id: made, revokedBy: 'cli:helpdesk' }, 'revoked: still known, so a check can say why it fails');
   t.same(copy.size().passcodes, 2);
-  cli.db.transaction(() => cli.passcodes.purge(T0 + 1)).immediate();
+  await cli.records.tx(() => cli.records.passcodes.purge(T0 + 1));
   t.equal(copy.byId(made), undefined, 'purged: gone');
   t.ok(copy.byId(kept), 'the other one stays');
   // Uses are not changes: recording one costs the copy nothing.
   const before = s.latestChange();
-  cli.db.transaction(() => cli.passcodes.recordUses([{ id: kept, at: T0, ip: '203.0.113.1', protocol: 'imap' }])).immediate();
+  await cli.records.tx(() => cli.records.passcodes.recordUses([{ id: kept, at: T0, ip: '203.0.113.1', protocol: 'imap' }]));
   t.equal(s.latestChange(), before);
 });

@@ -7,7 +7,8 @@
 //   - a copy behind the purged feed loads whole;
 //   - a streaming standby promoted: with both hosts in the URL, writes and the feed go on against it.
 import t from 'tap';
-import { migratePg, openPg, purgePgChanges, type PgDb } from '../../store/pg.js';
+import { openPgStore } from '../../store/open.js';
+import { migratePg, openPg, type PgDb } from '../../store/pg.js';
 import { PgFeed } from '../../store/pg-feed.js';
 import { type PgServer, startPostgres, startStandby } from '../helpers/postgres.js';
 
@@ -137,12 +138,14 @@ t.test('a copy behind the purged feed loads whole', async (t) => {
   await feed.start();
   cleanups.push(() => feed.stop());
   (feed as unknown as { unlisten: () => Promise<void> }).unlisten();
-  const sql = openPg(settings());
-  cleanups.push(() => sql.end());
+  const store = await openPgStore(settings());
+  cleanups.push(() => store.close());
+  const sql = store.pg?.db;
+  if (!sql) throw new Error('openPgStore gave no database');
   const w = writer(sql);
   await w.enable('carol');
   const g = await w.grant('carol', '203.0.113.20');
-  t.ok((await purgePgChanges(sql, Date.now() + 1000)) >= 2, 'the feed was purged past this copy');
+  t.ok((await store.records.purgeChanges(Date.now() + 1000)) >= 2, 'the feed was purged past this copy');
   await feed.poke();
   t.equal(loads, 2, 'loaded at start, and again');
   t.equal(feed.copy.lookup('carol', '203.0.113.20', Date.now()).grant?.id, g, 'with the grant it never read as a change');

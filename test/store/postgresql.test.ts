@@ -3,7 +3,8 @@
 //   - the change feed: written by triggers, ids committed in order (a second writer waits for the first's
 //     commit), a NOTIFY at each commit;
 //   - `mfagate db copy --to`: every row, ids kept, nothing twice on a second run, the same decisions after;
-//   - the configuration: a URL with a password is refused; the daemon and the other commands say what works.
+//   - the configuration: a URL with a password is refused; the helpdesk commands work on the database; a
+//     database that cannot be reached is said, by db migrate, the other commands and the daemon.
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -124,24 +125,25 @@ t.test('the change feed: triggers write it, commits are in id order, each commit
 });
 
 /** A SQLite store with something in every table. */
-function filledStore(file: string, now: number): Store {
+async function filledStore(file: string, now: number): Promise<Store> {
   const s = Store.open(file, { create: true });
+  const r = s.records;
   for (let i = 0; i < 40; i++) {
     const user = `user${i}`;
-    s.addGrant({ user, ip: `203.0.113.${i}`, block: `203.0.113.${i}`, ttlMs: (i % 3) * HOUR, method: 'totp', source: 'api', reason: '', actor: 'test', now });
-    if (i % 2 === 0) s.setUserFlag(user, 'mfa_enabled', true, 'test', now);
-    if (i % 7 === 0) s.setUserFlag(user, 'exempt', true, 'test', now);
-    if (i % 5 === 0) s.revokeGrants({ user }, 'helpdesk', 'lost phone', now);
+    await r.addGrant({ user, ip: `203.0.113.${i}`, block: `203.0.113.${i}`, ttlMs: (i % 3) * HOUR, method: 'totp', source: 'api', reason: '', actor: 'test', now });
+    if (i % 2 === 0) await r.setUserFlag(user, 'mfa_enabled', true, 'test', now);
+    if (i % 7 === 0) await r.setUserFlag(user, 'exempt', true, 'test', now);
+    if (i % 5 === 0) await r.revokeGrants({ user }, 'helpdesk', 'lost phone', now);
   }
-  s.addGrant({ user: 'user1', ip: '2001:db8:1:2::9', block: '2001:db8:1:2::/64', ttlMs: 10 * HOUR, method: 'email', source: 'web', reason: '', actor: 'test', now });
-  s.recordLogins([{ user: 'user3', ip: '198.51.100.1', protocol: 'imap', success: true, policyReject: false, at: now }]);
-  s.db.transaction(() => {
-    s.mfa.updateFactors('user2', { totp_secret: Buffer.from([1, 2, 3, 0, 255]), totp_confirmed_at: now, email: 'u2@example.net', email_verified_at: now }, now);
-    s.mfa.addCode('user2', 'login', 'u2@example.net', 'hash-of-code', '203.0.113.2', now, now + 600_000);
-    s.mfa.replaceBackupCodes('user2', ['b1', 'b2', 'b3'], now);
-    s.mfa.addFailure('user4', '203.0.113.4', '203.0.113.4', 'totp', now);
-    s.passcodes.insert({ user: 'user2', name: 'phone', selector: 'abcde', salt: Buffer.alloc(16, 7), hash: Buffer.alloc(32, 9), kdf: 'scrypt:n=4096,r=8,p=1', protocols: ['imap', 'smtp'], createdBy: 'web', expiresAt: null, now });
-  }).immediate();
+  await r.addGrant({ user: 'user1', ip: '2001:db8:1:2::9', block: '2001:db8:1:2::/64', ttlMs: 10 * HOUR, method: 'email', source: 'web', reason: '', actor: 'test', now });
+  await r.recordLogins([{ user: 'user3', ip: '198.51.100.1', protocol: 'imap', success: true, policyReject: false, at: now }]);
+  await r.tx(async () => {
+    await r.mfa.updateFactors('user2', { totp_secret: Buffer.from([1, 2, 3, 0, 255]), totp_confirmed_at: now, email: 'u2@example.net', email_verified_at: now }, now);
+    await r.mfa.addCode('user2', 'login', 'u2@example.net', 'hash-of-code', '203.0.113.2', now, now + 600_000);
+    await r.mfa.replaceBackupCodes('user2', ['b1', 'b2', 'b3'], now);
+    await r.mfa.addFailure('user4', '203.0.113.4', '203.0.113.4', 'totp', now);
+    await r.passcodes.insert({ user: 'user2', name: 'phone', selector: 'abcde', salt: Buffer.alloc(16, 7), hash: Buffer.alloc(32, 9), kdf: 'scrypt:n=4096,r=8,p=1', protocols: ['imap', 'smtp'], createdBy: 'web', expiresAt: null, now });
+  });
   return s;
 }
 
@@ -150,7 +152,7 @@ const BYTEA = (v: unknown) => (Buffer.isBuffer(v) ? `\\x${v.toString('hex')}` : 
 t.test('db copy: every row of a filled store, ids kept, nothing twice, the same decisions after', async (t) => {
   const now = Date.now();
   const file = path.join(dir, 'filled.db');
-  const s = filledStore(file, now);
+  const s = await filledStore(file, now);
   t.teardown(() => s.close());
   const config = path.join(dir, 'sqlite.toml');
   fs.writeFileSync(config, `[store]\npath = "${file}"\n`);
@@ -182,10 +184,10 @@ t.test('db copy: every row of a filled store, ids kept, nothing twice, the same 
   t.equal(Number(pg.psql('SELECT count(*) FROM grants', 'copied')), s.db.prepare('SELECT count(*) FROM grants').pluck().get(), 'nor duplicated');
 
   // Changed in SQLite after a copy (a revoke, a new grant): the next run carries the change, not only new rows.
-  const live = s.listGrants({ user: 'user1', now }).find((g) => g.block === '2001:db8:1:2::/64');
+  const live = (await s.records.listGrants({ user: 'user1', now })).find((g) => g.block === '2001:db8:1:2::/64');
   t.ok(live, 'user1 has a grant to revoke');
-  s.revokeGrants({ id: live?.id }, 'helpdesk', 'lost phone', now);
-  s.addGrant({ user: 'user8', ip: '192.0.2.8', block: '192.0.2.8', ttlMs: HOUR, method: 'totp', source: 'api', reason: '', actor: 'test', now });
+  await s.records.revokeGrants({ id: live?.id }, 'helpdesk', 'lost phone', now);
+  await s.records.addGrant({ user: 'user8', ip: '192.0.2.8', block: '192.0.2.8', ttlMs: HOUR, method: 'totp', source: 'api', reason: '', actor: 'test', now });
   const third = cli(['--config', config, 'db', 'copy', '--to', to, '--password-file', pg.passwordFile, '--tls', 'disable', '--json']);
   t.equal(third.code, 0, third.stderr);
   const changed = (JSON.parse(third.stdout) as typeof report).tables;
@@ -219,7 +221,7 @@ t.test('db copy: every row of a filled store, ids kept, nothing twice, the same 
   t.ok(granted >= 20, `grants answered from PostgreSQL (${granted})`);
 });
 
-t.test('the configuration and the commands that do not use PostgreSQL yet', async (t) => {
+t.test('the configuration, and the commands on a PostgreSQL store', async (t) => {
   const withPassword = pgConfig().replace(/$/, '');
   fs.writeFileSync(withPassword, fs.readFileSync(withPassword, 'utf8').replace('postgresql://mfagate@', 'postgresql://mfagate:secret@'));
   const r = cli(['--config', withPassword, 'config', 'check']);
@@ -240,12 +242,22 @@ t.test('the configuration and the commands that do not use PostgreSQL yet', asyn
   const check = cli(['--config', config, 'config', 'check']);
   t.equal(check.code, 0, check.stderr);
   t.match(check.stdout, `store:            PostgreSQL ${pg.url} (tls disable, password in ${pg.passwordFile})`);
-  const list = cli(['--config', config, 'grants', 'list']);
-  t.equal(list.code, 2);
-  t.match(list.stderr, /backend = "postgresql": this version of mfagate serves and manages a SQLite store only/);
-  const serve = cli(['--config', config, 'serve']);
-  t.equal(serve.code, 2);
-  t.match(serve.stderr, /cannot start: \[store\] backend = "postgresql": this version of mfagate serves from a SQLite store only/);
+  // The helpdesk commands work on the database itself (the store layer is the same on both backends).
+  const add = cli(['--config', config, 'grants', 'add', '--user', 'cli-user', '--ip', '192.0.2.77', '--ttl', '1h', '--reason', 'ticket 7', '--json']);
+  t.equal(add.code, 0, add.stderr);
+  const added = JSON.parse(add.stdout) as { id: number; extended: boolean };
+  t.equal(added.extended, false);
+  t.equal(pg.psql(`SELECT "user" || ' ' || block || ' ' || reason FROM grants WHERE id = ${Number(added.id)}`, 'mfagate').trim(), 'cli-user 192.0.2.77 ticket 7', 'the grant is in PostgreSQL');
+  const list = cli(['--config', config, 'grants', 'list', '--user', 'cli-user', '--json']);
+  t.equal(list.code, 0, list.stderr);
+  t.match(JSON.parse(list.stdout), [{ id: added.id }], 'and listed from it');
+  const revoke = cli(['--config', config, 'grants', 'revoke', '--id', String(added.id), '--reason', 'done']);
+  t.equal(revoke.code, 0, revoke.stderr);
+  t.equal(pg.psql(`SELECT revoke_reason FROM grants WHERE id = ${Number(added.id)}`, 'mfagate').trim(), 'done');
+  // db copy reads a SQLite store: with PostgreSQL configured there is none to copy from.
+  const copy = cli(['--config', config, 'db', 'copy', '--to', pg.url, '--password-file', pg.passwordFile, '--tls', 'disable']);
+  t.equal(copy.code, 2);
+  t.match(copy.stderr, /db copy works on a SQLite store \(\[store\] backend is "postgresql"\)/);
 });
 
 t.test('a database that cannot be reached: db migrate says which and why, and exits 1', async (t) => {
@@ -254,6 +266,13 @@ t.test('a database that cannot be reached: db migrate says which and why, and ex
   const r = cli(['--config', file, 'db', 'migrate']);
   t.equal(r.code, 1);
   t.match(r.stderr, /PostgreSQL at postgresql:\/\/mfagate@127\.0\.0\.1:1\/mfagate: .*(ECONNREFUSED|connect)/);
+  // So do the other commands and the daemon, which now use the database.
+  const list = cli(['--config', file, 'grants', 'list']);
+  t.equal(list.code, 1);
+  t.match(list.stderr, /PostgreSQL at postgresql:\/\/mfagate@127\.0\.0\.1:1\/mfagate: .*(ECONNREFUSED|connect)/);
+  const serve = cli(['--config', file, 'serve']);
+  t.equal(serve.code, 1);
+  t.match(serve.stderr, /cannot start: PostgreSQL at postgresql:\/\/mfagate@127\.0\.0\.1:1\/mfagate: .*(ECONNREFUSED|connect)/);
   // An unused SQLite file is never made for a PostgreSQL configuration.
   t.notOk(fs.existsSync(path.join(dir, 'var')), 'no SQLite file appeared');
 });

@@ -276,7 +276,7 @@ t.test('idle timeout and absolute lifetime', async (t) => {
   let r = await stale.post('/mfa/enable', {}, { csrf });
   t.equal(r.status, 303, 'the post is turned away');
   t.equal(r.location, '/', 'to the sign-in page');
-  t.equal(w.h.svc.status('alice').mfa_enabled, false, 'MFA was not enabled');
+  t.equal((await w.h.svc.status('alice')).mfa_enabled, false, 'MFA was not enabled');
   let page = await stale.get('/');
   t.ok(isSignInPage(page.body), 'signed out');
   t.ok(notices(page.body).includes(en.sessionExpired), 'told why');
@@ -296,7 +296,7 @@ t.test('idle timeout and absolute lifetime', async (t) => {
   t.equal((await c.signIn('alice', 'alice-pw')).status, 303);
   r = await c.submit('/settings', 'enable');
   t.equal(r.status, 303);
-  t.equal(w.h.svc.status('alice').mfa_enabled, true, 'enabled from a live session');
+  t.equal((await w.h.svc.status('alice')).mfa_enabled, true, 'enabled from a live session');
 });
 
 t.test('idle timeout: a bookmarked page after the timeout still says why', async (t) => {
@@ -353,7 +353,7 @@ t.test('sign-out ends the session', async (t) => {
 t.test('client address: X-Forwarded-For only from a trusted proxy', async (t) => {
   const w = await rig(t, '[web]\ntrusted_proxies = ["127.0.0.1"]\n[networks]\ntrusted = ["127.0.0.2/32"]\n');
   await w.h.registerApp('alice');
-  w.h.svc.enable('alice', IP);
+  await w.h.svc.enable('alice', IP);
 
   const spoof = w.client({ localAddress: '127.0.0.5', headers: { 'X-Forwarded-For': '127.0.0.2' } });
   t.equal((await spoof.signIn('alice', 'alice-pw')).status, 303);
@@ -394,7 +394,7 @@ t.test('client address: X-Forwarded-For only from a trusted proxy', async (t) =>
 t.test('eduroam inside the campus range is not the trusted network (the same rule as the policy)', async (t) => {
   const w = await rig(t, '[web]\ntrusted_proxies = ["127.0.0.1"]\n[networks]\ntrusted = ["127.0.0.0/24"]\nuntrusted = ["127.0.0.128/25"]\n');
   await w.h.registerApp('alice');
-  w.h.svc.enable('alice', IP);
+  await w.h.svc.enable('alice', IP);
   const campus = w.client({ localAddress: '127.0.0.1', headers: { 'X-Forwarded-For': '127.0.0.20' } });
   t.equal((await campus.signIn('alice', 'alice-pw')).status, 303);
   t.equal(textOf((await campus.get('/')).body, 'network-status'), en.trustedNetwork('127.0.0.20'), 'the campus fixed network');
@@ -408,7 +408,7 @@ t.test('eduroam inside the campus range is not the trusted network (the same rul
 t.test('passing MFA over HTTP, then revoking the grant', async (t) => {
   const w = await rig(t);
   const secret = await w.h.registerApp('alice');
-  w.h.svc.enable('alice', IP);
+  await w.h.svc.enable('alice', IP);
   const c = w.client({ localAddress: '127.0.0.9' });
   t.equal((await c.signIn('alice', 'alice-pw')).status, 303);
   let home = await c.get('/');
@@ -417,7 +417,7 @@ t.test('passing MFA over HTTP, then revoking the grant', async (t) => {
   let r = await c.submit('/', 'verify-totp', { code: wrongCode(secret, w.h.clock.now) });
   t.equal(r.status, 403, 'a wrong code');
   t.equal(textOf(r.body, 'verify-totp-code-error'), en.errors['factor-failed'], 'the error is next to the code field');
-  t.same(w.h.svc.status('alice').grants, [], 'no grant');
+  t.same((await w.h.svc.status('alice')).grants, [], 'no grant');
   r = await c.submit('/', 'verify-totp', { code: '' });
   t.equal(r.status, 400, 'no code');
   t.equal(textOf(r.body, 'verify-totp-code-error'), en.errCode);
@@ -426,13 +426,13 @@ t.test('passing MFA over HTTP, then revoking the grant', async (t) => {
   r = await c.submit('/', 'verify-totp', { code });
   t.equal(r.status, 303, 'the right code');
   t.equal(r.location, '/');
-  const grants = w.h.svc.status('alice').grants;
+  const grants = (await w.h.svc.status('alice')).grants;
   t.equal(grants.length, 1, 'one grant');
   const g = grants[0];
   t.equal(g?.ip, '127.0.0.9', 'for the client address');
   t.equal(g?.method, 'totp');
   t.equal(Date.parse(g?.expires_at ?? ''), w.h.clock.now + w.h.config.grants.ttlMs, 'for grants.ttl');
-  t.equal(w.h.svc.status('alice', '127.0.0.9').login?.rule, 'grant', 'a mail program from there is let in');
+  t.equal((await w.h.svc.status('alice', '127.0.0.9')).login?.rule, 'grant', 'a mail program from there is let in');
   home = await c.get('/');
   t.equal(textOf(home.body, 'network-status'), en.grantActive('127.0.0.9', jst(Date.parse(g?.expires_at ?? ''))), '"until" with the address');
   t.ok(notices(home.body).includes(en.passed), 'the passed notice');
@@ -443,7 +443,7 @@ t.test('passing MFA over HTTP, then revoking the grant', async (t) => {
   t.equal((await again.signIn('alice', 'alice-pw')).status, 303);
   r = await again.submit('/', 'verify-totp', { code });
   t.equal(r.status, 403, 'a replayed code');
-  t.equal(w.h.svc.status('alice').grants.length, 1, 'no second grant');
+  t.equal((await w.h.svc.status('alice')).grants.length, 1, 'no second grant');
 
   // Another user cannot revoke alice's grant by its id.
   const bob = w.client({ localAddress: '127.0.0.9' });
@@ -452,7 +452,7 @@ t.test('passing MFA over HTTP, then revoking the grant', async (t) => {
   r = await bob.post('/grants/revoke', { id: String(g?.id) });
   t.equal(r.status, 303);
   t.ok(notices((await bob.get('/settings')).body).includes(en.errGrantGone), 'bob is told it is not his');
-  t.equal(w.h.svc.status('alice').grants.length, 1, "alice's grant is still there");
+  t.equal((await w.h.svc.status('alice')).grants.length, 1, "alice's grant is still there");
 
   const settings = await c.get('/settings');
   t.ok(formOf(settings.body, `revoke-${g?.id}`), 'a revoke button for the grant');
@@ -460,8 +460,8 @@ t.test('passing MFA over HTTP, then revoking the grant', async (t) => {
   r = await c.submit('/settings', `revoke-${g?.id}`);
   t.equal(r.status, 303);
   t.equal(r.location, '/settings');
-  t.same(w.h.svc.status('alice').grants, [], 'the grant is gone');
-  t.equal(w.h.svc.status('alice', '127.0.0.9').login?.needs_mfa, true, 'mail programs there need MFA again');
+  t.same((await w.h.svc.status('alice')).grants, [], 'the grant is gone');
+  t.equal((await w.h.svc.status('alice', '127.0.0.9')).login?.needs_mfa, true, 'mail programs there need MFA again');
   const after = await c.get('/settings');
   t.ok(notices(after.body).includes(en.revoked(g?.block ?? '')), 'told so');
   t.ok(hasId(after.body, 'no-grants'), 'no grants listed');
@@ -600,7 +600,7 @@ t.test('app enrolment: the secret stays out of URLs', async (t) => {
   t.equal(r.status, 303);
   t.equal(r.location, '/settings/app', 'the redirect carries nothing but the path');
 
-  const f = w.h.store.mfa.factors('alice');
+  const f = await w.h.records.mfa.factors('alice');
   t.ok(f?.totpPending, 'an enrolment is pending');
   const secret = f?.totpPending ? w.h.secrets.decrypt(f.totpPending, 'totp-pending:alice').toString('utf8') : '<none>';
   const page = await c.get('/settings/app');
@@ -616,7 +616,7 @@ t.test('app enrolment: the secret stays out of URLs', async (t) => {
   r = await c.submit('/settings/app', 'app-confirm', { code: w.h.totp(secret) });
   t.equal(r.status, 303);
   t.equal(r.location, '/settings');
-  t.equal(w.h.svc.status('alice').factors.totp, true, 'registered');
+  t.equal((await w.h.svc.status('alice')).factors.totp, true, 'registered');
   const settings = await c.get('/settings');
   t.equal(textOf(settings.body, 'app-state'), en.registered);
   t.ok(notices(settings.body).includes(en.enrolDone));
@@ -636,7 +636,7 @@ t.test('backup codes are shown once', async (t) => {
   r = await c.submit('/settings', 'backup', { method: 'totp', code: wrongCode(secret, w.h.clock.now) });
   t.equal(r.status, 403, 'a wrong code');
   t.equal(textOf(r.body, 'backup-code-error'), en.errors['factor-failed']);
-  t.equal(w.h.svc.status('alice').factors.backup_codes_left, 0, 'no codes issued');
+  t.equal((await w.h.svc.status('alice')).factors.backup_codes_left, 0, 'no codes issued');
 
   r = await c.submit('/settings', 'backup', { method: 'totp', code: w.h.totp(secret) });
   t.equal(r.status, 303);
@@ -647,7 +647,7 @@ t.test('backup codes are shown once', async (t) => {
   t.equal(codes.length, 10, 'ten codes');
   t.equal(new Set(codes).size, 10, 'all different');
   t.ok(codes.every((x) => /^[2-9a-z]{5}-[2-9a-z]{5}$/.test(x)), 'in the issued form');
-  t.equal(w.h.svc.status('alice').factors.backup_codes_left, 10);
+  t.equal((await w.h.svc.status('alice')).factors.backup_codes_left, 10);
   t.notOk(w.h.lines.some((l) => codes.some((x) => l.includes(x))), 'no code is logged');
 
   r = await c.get('/settings/backup');
@@ -671,12 +671,12 @@ t.test('first_registration = "trusted-only"', async (t) => {
   let r = await out.post('/totp/begin', {});
   t.equal(r.status, 403, 'a post from outside is refused');
   t.ok(notices(r.body).includes(en.errTrustedOnly));
-  t.notOk(w.h.store.mfa.factors('alice')?.totpPending, 'no pending enrolment');
+  t.notOk((await w.h.records.mfa.factors('alice'))?.totpPending, 'no pending enrolment');
   t.equal((await out.get('/settings/app')).location, '/settings', 'no enrolment page');
   r = await out.post('/email/register', { address: 'alice@example.com' });
   t.equal(r.status, 403, 'nor an external address');
   t.equal(w.h.mailer.sent.length, 0, 'no mail sent');
-  t.equal(w.h.svc.status('alice').factors.email_pending, null);
+  t.equal((await w.h.svc.status('alice')).factors.email_pending, null);
 
   const inside = w.client({ localAddress: '127.0.0.2' });
   t.equal((await inside.signIn('alice', 'alice-pw')).status, 303);
@@ -685,11 +685,11 @@ t.test('first_registration = "trusted-only"', async (t) => {
   r = await inside.submit('/settings', 'app-begin');
   t.equal(r.status, 303, 'begun on the trusted network');
   t.equal(r.location, '/settings/app');
-  const f = w.h.store.mfa.factors('alice');
+  const f = await w.h.records.mfa.factors('alice');
   t.ok(f?.totpPending, 'pending');
   const secret = f?.totpPending ? w.h.secrets.decrypt(f.totpPending, 'totp-pending:alice').toString('utf8') : '';
   t.equal((await inside.submit('/settings/app', 'app-confirm', { code: w.h.totp(secret) })).status, 303);
-  t.equal(w.h.svc.status('alice').factors.totp, true, 'registered');
+  t.equal((await w.h.svc.status('alice')).factors.totp, true, 'registered');
 
   // Once there is a factor, changes from outside are allowed with its code.
   w.h.advance(STEP_MS);

@@ -444,6 +444,7 @@ class mfagate extends rcube_plugin
         case 'locked':         return 'err_locked';
         case 'mail-failed':    return 'err_mail_failed';
         case 'unavailable':    return 'err_unavailable';
+        case 'store-unavailable': return 'err_store_unavailable';
         case 'rate-limited':   return strpos($detail, 'less than a minute ago') !== false ? 'err_code_too_soon' : 'err_rate_limited';
         case 'bad-request':
             if (strpos($detail, 'name:') === 0) return 'err_passcode_name';
