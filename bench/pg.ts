@@ -109,7 +109,7 @@ async function main(): Promise<void> {
         '<!-- bench:pg:start -->',
         `## The shared PostgreSQL store: latest run ${stamp} UTC`,
         '',
-        `\`npm run bench\` also starts a PostgreSQL ${pg.psql('SHOW server_version').trim()} of its own (bench/pg.ts) on loopback, fills it like the SQLite store (${int(USERS)} users with MFA, ${int(USERS * 10)} grants, 80 % active; ${(fillMs / 1000).toFixed(0)} s), and measures what a node does with it (store/pg-feed.ts). ${m.model}, ${m.cores} cores, Node ${process.version}. The daemon does not serve from PostgreSQL yet (docs/scaling.md): these are the parts that exist.`,
+        `\`npm run bench\` also starts a PostgreSQL ${pg.psql('SHOW server_version').trim()} of its own (bench/pg.ts) on loopback, fills it like the SQLite store (${int(USERS)} users with MFA, ${int(USERS * 10)} grants, 80 % active; ${(fillMs / 1000).toFixed(0)} s), and measures what a node does with it (store/pg-feed.ts). ${m.model}, ${m.cores} cores, Node ${process.version}. The endpoints served from PostgreSQL are in the first table of this file (\`mfagate serve\` with \`backend = "postgresql"\`).`,
         '',
         '| what | figure |',
         '|---|--:|',

@@ -1,5 +1,6 @@
 // Binding listener endpoints: TCP, or a UNIX socket with a stale file removed and the mode set.
 import fs from 'node:fs';
+import path from 'node:path';
 import net from 'node:net';
 import type { Endpoint } from '../config/listen.js';
 import { formatEndpoint } from '../config/listen.js';
@@ -39,7 +40,11 @@ export async function listenOn(server: net.Server, endpoint: Endpoint, mode?: nu
     }
   }
   await new Promise<void>((resolve, reject) => {
-    const onError = (e: Error) => reject(new ListenError(`cannot listen on ${formatEndpoint(endpoint)}: ${e.message}`));
+    const onError = (e: Error) => {
+      // Node says EACCES for a socket whose directory is missing: say what is wrong.
+      const missing = endpoint.kind === 'unix' && !fs.existsSync(path.dirname(endpoint.path));
+      reject(new ListenError(`cannot listen on ${formatEndpoint(endpoint)}: ${missing ? `its directory ${path.dirname(endpoint.path)} does not exist` : e.message}`));
+    };
     server.once('error', onError);
     const done = () => {
       server.off('error', onError);

@@ -40,6 +40,8 @@ export interface DaemonStore {
 export async function openDaemonStore(config: Config, create: boolean, clock: () => number, hooks: CopyHooks): Promise<DaemonStore> {
   if (config.store.backend === 'sqlite') {
     const store = Store.open(config.store.path, { create, migrate: true });
+    // A lock held by the CLI is waited for between turns of the event loop, never in a blocking wait.
+    store.setBusyTimeout(20);
     const started = performance.now();
     try {
       const copy = store.liveCopy(clock, hooks);

@@ -82,17 +82,40 @@ export class LiveCopy implements Facts, PasscodeSource {
    * 0/1 flags, grants [user, block, id, expires_at], best sorted by user.
    */
   replaceAll(users: Iterable<readonly unknown[]>, grants: Iterable<readonly unknown[]>, passcodes: Iterable<PasscodeRow>, lastChange: number, now: number): void {
-    this.flags = new Map();
-    this.grants = new Map();
-    this.grantCount = 0;
-    this.passcodesById = new Map();
-    this.passcodesBySelector = new Map();
-    this.passcodesOf = new Map();
-    for (const p of passcodes) this.addPasscode(p);
+    const fresh = new LiveCopy();
+    fresh.addUserRows(users);
+    fresh.addGrantRows(grants);
+    for (const p of passcodes) fresh.addPasscode(p);
+    fresh.lastChange = lastChange;
+    fresh.currentAt = now;
+    this.adopt(fresh);
+  }
+
+  /**
+   * Takes over all that `loaded` holds: a copy loaded whole in parts (addUserRows, addGrantRows, addPasscode)
+   * while this one went on answering. Decisions see the old copy, then the new one, never a mix.
+   */
+  adopt(loaded: LiveCopy): void {
+    this.flags = loaded.flags;
+    this.grants = loaded.grants;
+    this.grantCount = loaded.grantCount;
+    this.passcodesById = loaded.passcodesById;
+    this.passcodesBySelector = loaded.passcodesBySelector;
+    this.passcodesOf = loaded.passcodesOf;
+    this.lastChange = loaded.lastChange;
+    this.currentAt = loaded.currentAt;
+  }
+
+  /** Users' rows [name, mfa_enabled, exempt] of a whole load. */
+  addUserRows(users: Iterable<readonly unknown[]>): void {
     for (const u of users) {
       const bits = (u[1] === 1 ? MFA : 0) | (u[2] === 1 ? EXEMPT : 0);
       if (bits !== 0) this.flags.set(u[0] as string, bits);
     }
+  }
+
+  /** Active grants' rows [user, block, id, expires_at] of a whole load, in any number of parts. */
+  addGrantRows(grants: Iterable<readonly unknown[]>): void {
     let lastUser: string | undefined;
     let blocks: Map<string, GrantFacts> | undefined;
     for (const g of grants) {
@@ -111,8 +134,6 @@ export class LiveCopy implements Facts, PasscodeSource {
       if (held === undefined) this.grantCount++;
       if (held === undefined || expiresAt > held.expiresAt) blocks.set(block, { id: g[2] as number, expiresAt });
     }
-    this.lastChange = lastChange;
-    this.currentAt = now;
   }
 
   /** Replaces what the copy holds for one user with what the store holds now. */
@@ -154,7 +175,8 @@ export class LiveCopy implements Facts, PasscodeSource {
     return { flaggedUsers: this.flags.size, grants: this.grantCount, passcodes: this.passcodesById.size };
   }
 
-  private addPasscode(p: PasscodeRow): void {
+  /** One passcode (a whole load, or a user changed). */
+  addPasscode(p: PasscodeRow): void {
     this.passcodesById.set(p.id, p);
     this.passcodesBySelector.set(p.selector, p);
     const ids = this.passcodesOf.get(p.user);

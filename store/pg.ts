@@ -4,7 +4,7 @@ import { type PgSettings } from '../config/postgresql.js';
 import { MIGRATIONS, SCHEMA_VERSION } from './migrations.js';
 import { PgDb, type Queryable } from './pg-client.js';
 import { StoreError } from './sqlite-file.js';
-import type { LiveCopy } from './live-copy.js';
+import { LiveCopy } from './live-copy.js';
 import { passcodeFromRow } from './passcode-store.js';
 import type { Store } from './store.js';
 
@@ -161,16 +161,29 @@ async function copyTables(store: Store, db: PgDb, batch: number): Promise<CopyRe
   });
 }
 
+/** Rows fetched at a time while a node loads its copy: the load never holds more raw rows than this. */
+const LOAD_BATCH = 20_000;
+
 /**
  * Loads a node's in-memory copy (store/live-copy.ts) from PostgreSQL in one snapshot: users with a flag, active
- * grants, and the change id the copy is current to.
+ * grants, passcodes, and the change id the copy is current to. The grants come through a cursor, a batch at a
+ * time, into a copy of their own that replaces `copy` at the end: a million grants never sit in memory as raw
+ * rows all at once (V8 would keep the memory they took), and decisions read the old copy until the new one is whole.
  */
 export async function loadPgCopy(db: PgDb, copy: LiveCopy, now: number): Promise<void> {
+  const fresh = new LiveCopy();
   await db.begin(async (tx) => {
     const latest = (await tx.query('SELECT coalesce(max(id), 0) AS id FROM changes')).rows[0];
-    const users = (await tx.query('SELECT name, mfa_enabled, exempt FROM users WHERE mfa_enabled = 1 OR exempt = 1', [], true)).rows;
-    const grants = (await tx.query('SELECT "user", block, id, expires_at FROM grants WHERE revoked_at IS NULL AND expires_at > $1 ORDER BY "user"', [now], true)).rows;
-    const passcodes = (await tx.query('SELECT * FROM passcodes')).rows.map(passcodeFromRow);
-    copy.replaceAll(users as unknown as unknown[][], grants as unknown as unknown[][], passcodes, (latest?.['id'] as number | undefined) ?? 0, now);
+    fresh.addUserRows((await tx.query('SELECT name, mfa_enabled, exempt FROM users WHERE mfa_enabled = 1 OR exempt = 1', [], true)).rows as unknown as unknown[][]);
+    await tx.query('DECLARE mfagate_load NO SCROLL CURSOR FOR SELECT "user", block, id, expires_at FROM grants WHERE revoked_at IS NULL AND expires_at > $1', [now]);
+    for (;;) {
+      const rows = (await tx.query(`FETCH FORWARD ${LOAD_BATCH} FROM mfagate_load`, [], true)).rows as unknown as unknown[][];
+      fresh.addGrantRows(rows);
+      if (rows.length < LOAD_BATCH) break;
+    }
+    for (const p of (await tx.query('SELECT * FROM passcodes')).rows) fresh.addPasscode(passcodeFromRow(p));
+    fresh.lastChange = (latest?.['id'] as number | undefined) ?? 0;
+    fresh.currentAt = now;
   }, 'ISOLATION LEVEL REPEATABLE READ READ ONLY');
+  copy.adopt(fresh);
 }

@@ -11,6 +11,15 @@ interface Tx {
   active: boolean;
 }
 
+/** How long a write waits for another process's write lock (the CLI's) before the store counts as unavailable. */
+const BUSY_WAIT_MS = 5000;
+
+const isBusy = (e: unknown) => typeof (e as { code?: unknown }).code === 'string' && /^SQLITE_BUSY/.test((e as { code: string }).code);
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** A write found the lock taken by another process: the caller tries again after a pause. */
+class BusyRetry extends Error {}
+
 export class SqliteSql implements Sql {
   readonly dialect = 'sqlite' as const;
   private readonly inside = new AsyncLocalStorage<Tx>();
@@ -68,11 +77,36 @@ export class SqliteSql implements Sql {
   }
 
   async run(text: string, params: readonly SqlParam[] = []): Promise<number> {
-    return this.whenFree(() => this.statement(text).run(...params).changes);
+    return this.write(() => this.statement(text).run(...params).changes);
   }
 
   async insert(text: string, params: readonly SqlParam[] = []): Promise<number> {
-    return this.whenFree(() => Number(this.statement(text).run(...params).lastInsertRowid));
+    return this.write(() => Number(this.statement(text).run(...params).lastInsertRowid));
+  }
+
+  /**
+   * A write outside a transaction: while another process holds the write lock it is tried again, for up to
+   * BUSY_WAIT_MS, between turns of the event loop (the connection's own busy wait is kept short by the daemon:
+   * a wait there would stop every decision with it).
+   */
+  private async write<T>(fn: () => T): Promise<T> {
+    if (this.inTx()) return this.whenFree(fn);
+    const deadline = Date.now() + BUSY_WAIT_MS;
+    for (let pause = 5; ; pause = Math.min(pause * 2, 100)) {
+      try {
+        return await this.whenFree(() => {
+          try {
+            return fn();
+          } catch (e) {
+            if (isBusy(e) && Date.now() < deadline) throw new BusyRetry();
+            throw e;
+          }
+        });
+      } catch (e) {
+        if (!(e instanceof BusyRetry)) throw e;
+      }
+      await sleep(pause);
+    }
   }
 
   async tx<T>(fn: () => Promise<T>): Promise<T> {
@@ -93,7 +127,16 @@ export class SqliteSql implements Sql {
     const tx: Tx = { active: true };
     try {
       const db = this.db();
-      this.exec(() => db.exec(begin));
+      // Another process's write lock: waited for between turns of the event loop (see write).
+      for (let pause = 5, deadline = Date.now() + BUSY_WAIT_MS; ; pause = Math.min(pause * 2, 100)) {
+        try {
+          db.exec(begin);
+          break;
+        } catch (e) {
+          if (!isBusy(e) || Date.now() >= deadline) throw sqliteUnavailable(e) ?? e;
+        }
+        await sleep(pause);
+      }
       try {
         const value = await this.inside.run(tx, fn);
         this.exec(() => db.exec('COMMIT'));

@@ -84,7 +84,21 @@ export class Store implements Facts {
     return this.conn.st;
   }
 
+  /** The connection's own wait for another process's lock (ms); see setBusyTimeout. */
+  private busyTimeoutMs = 5000;
+
+  /**
+   * How long a statement of this connection waits, blocking, for another process's lock. The daemon keeps it
+   * short: its async writes wait between turns of the event loop instead (store/sqlite-sql.ts), so a CLI
+   * holding the write lock never stops decisions. The CLI keeps the default (5 s).
+   */
+  setBusyTimeout(ms: number): void {
+    this.busyTimeoutMs = ms;
+    this.conn.db.pragma(`busy_timeout = ${Math.max(0, Math.round(ms))}`);
+  }
+
   private attach(db: Database.Database): void {
+    if (this.busyTimeoutMs !== 5000) db.pragma(`busy_timeout = ${this.busyTimeoutMs}`);
     this.conn = { db, st: prepareStatements(db) };
     this.opened = new OpenedFile(this.file);
   }

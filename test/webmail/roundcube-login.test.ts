@@ -9,6 +9,7 @@
 //   - the waiting sign-in ends when the browser's address changes, after too many wrong codes, and after its time;
 //   - "Alice@mail.test" is asked for a code as "alice" is; Dovecot sees the browser's address (x-originating-ip);
 //   - mfagate stopped: nobody is signed in, and the login page says why.
+import Database from 'better-sqlite3';
 import t from 'tap';
 import { Authenticator } from '../helpers/api.js';
 import { imapLogin } from '../helpers/clients.js';
@@ -269,6 +270,43 @@ t.test('the API over loopback TCP with the bearer token file', async (t) => {
   const refused = await e.logIn('bob', USERS.bob);
   t.ok(isLoginPage(refused), 'a wrong token: nobody is signed in');
   t.match(refused.body, /Multi-factor authentication cannot be checked right now/, 'saying why');
+});
+
+t.test('the store cannot be written: the code page says so in words, and nothing was changed', async (t) => {
+  // Another process holds the store's write lock longer than the daemon waits for it (5 s). The plugin waits
+  // longer than that here, so that it hears mfagate's answer rather than giving up first.
+  const patient = await roundcube({ mfagate_api_timeout: 15 });
+  t.teardown(() => patient.stop());
+  const b = new Browser(C, patient);
+  const page = await b.follow(await b.logIn('alice', USERS.alice));
+  t.ok(isCodePage(page), 'the code page');
+  const holder = new Database(path.join(d.dir, 'state/mfagate.db'));
+  holder.exec('BEGIN EXCLUSIVE');
+  let answer: Answer;
+  let meanwhile: { ok: boolean; ms: number };
+  try {
+    const code = await phone.next();
+    [answer, meanwhile] = await Promise.all([
+      b.post('/?_task=login&_action=plugin.mfagate', codeForm(page, 'mfagate-verify-totp', code)),
+      // While the daemon waits for the lock, it goes on deciding: a login from campus is answered at once.
+      (async () => {
+        await new Promise((r) => setTimeout(r, 1000));
+        const started = performance.now();
+        const r = await imapLogin({ port: stack.imapPort, user: 'bob', password: USERS.bob, localAddress: CAMPUS });
+        return { ok: r.ok, ms: performance.now() - started };
+      })(),
+    ]);
+  } finally {
+    holder.exec('ROLLBACK');
+    holder.close();
+  }
+  t.ok(meanwhile.ok, `while mfagate waited for the store, a login from campus got in (${Math.round(meanwhile.ms)} ms)`);
+  t.ok(meanwhile.ms < 2000, 'without waiting for the store (Dovecot gives the policy 2 s)');
+  t.ok(isCodePage(answer), 'the code page again, not the mailbox');
+  t.match(answer.body, /Nothing can be saved right now: the MFA service cannot reach its database\. Nothing was changed/, 'saying nothing could be saved, and nothing changed');
+  const said = await d.waitForLog((l) => l['event'] === 'api' && l['error'] === 'store-unavailable');
+  t.equal(said['status'], 503, 'mfagate answered 503 store-unavailable');
+  t.equal((await imap(C)).ok, false, 'IMAP from that address is still refused: no grant was made');
 });
 
 t.test('mfagate unreachable or stopped: nobody is signed in, and the login page says why', async (t) => {
