@@ -59,8 +59,9 @@ export async function openDaemonStore(config: Config, create: boolean, clock: ()
       throw e;
     }
   }
-  // Every node migrates at start, as with SQLite; two starting at once take turns (migratePg holds a lock).
-  const opened = await openPgStore(config.store, { migrate: true, applicationName: 'mfagate' });
+  // Every node migrates an older schema at start, as with SQLite; two starting at once take turns (migratePg
+  // holds a lock). A database with no schema at all is refused unless told to create one.
+  const opened = await openPgStore(config.store, { migrate: true, create, applicationName: 'mfagate' });
   const started = performance.now();
   const feed: PgFeed = new PgFeed(config.store, { failed: hooks.failed, recovered: () => hooks.recovered(feed.copy.currentAt) }, { clock });
   try {

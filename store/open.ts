@@ -34,17 +34,21 @@ export function sqliteStore(store: Store): OpenedStore {
 }
 
 /**
- * Opens PostgreSQL and checks its schema: migrated when `migrate` (at most one node migrates at a time), else an
- * outdated or newer schema is an error that says what to do. Nothing is created on a database without the schema
- * unless `migrate`: an empty store where one should be would let in every user who enabled MFA.
+ * Opens PostgreSQL and checks its schema: an older one is migrated when `migrate` (at most one node migrates at a
+ * time), else it is an error that says what to do. A database without the schema gets one only with `create`
+ * (`db migrate`, `serve --create-store`): a URL naming the wrong database must not give an empty store, which
+ * would let in every user who enabled MFA.
  */
-export async function openPgStore(settings: PgSettings, opts: { migrate?: boolean; applicationName?: string; max?: number; queryTimeoutMs?: number } = {}): Promise<OpenedStore> {
+export async function openPgStore(
+  settings: PgSettings,
+  opts: { migrate?: boolean; create?: boolean; applicationName?: string; max?: number; queryTimeoutMs?: number } = {},
+): Promise<OpenedStore> {
   const db = openPg(settings, { applicationName: opts.applicationName ?? 'mfagate', ...(opts.max !== undefined ? { max: opts.max } : {}), ...(opts.queryTimeoutMs !== undefined ? { queryTimeoutMs: opts.queryTimeoutMs } : {}) });
   try {
     let version = await pgSchemaVersion(db);
-    if (version < SCHEMA_VERSION && opts.migrate) version = (await migratePg(db)).to;
+    if (version < SCHEMA_VERSION && opts.migrate && (version > 0 || opts.create)) version = (await migratePg(db)).to;
     if (version > SCHEMA_VERSION) throw new StoreError(`the database has schema version ${version}, newer than this mfagate (${SCHEMA_VERSION}): upgrade mfagate`);
-    if (version === 0) throw new StoreError(`the database holds no mfagate schema: create it with "mfagate db migrate"`);
+    if (version === 0) throw new StoreError(`the database holds no mfagate schema: check [store] url; for a new installation, create it with "mfagate db migrate"`);
     if (version < SCHEMA_VERSION) throw new StoreError(`the database has schema version ${version}, expected ${SCHEMA_VERSION}: run "mfagate db migrate"`);
   } catch (e) {
     await db.end();

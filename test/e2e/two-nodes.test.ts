@@ -99,6 +99,14 @@ secure_cookie = false
 level = "info"
 `,
   );
+  if (name === 'a') {
+    // As a site installs it: the schema first (a node refuses a database without one: a wrong URL must not
+    // give an empty store).
+    const refused = spawnDaemon(config);
+    await t.rejects(refused.ready, /holds no mfagate schema: check \[store\] url/, 'a node on a database without the schema does not start');
+    const migrated = cli(['--config', config, 'db', 'migrate']);
+    if (migrated.code !== 0) throw new Error(`db migrate: ${migrated.stderr}`);
+  }
   const daemon = spawnDaemon(config);
   await daemon.ready;
   const n: Node = { name, dir: nodeDir, config, policyPort, webPort, apiSocket, daemon, stack };

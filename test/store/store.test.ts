@@ -64,7 +64,7 @@ const backends: Backend[] = [
       if (!pg) throw new Error('PostgreSQL was not started');
       const name = `records_${++serial}`;
       pg.psql(`CREATE DATABASE ${name} OWNER mfagate;`);
-      const o = await openPgStore({ url: pg.url.replace(/\/mfagate$/, `/${name}`), passwordFile: pg.passwordFile, tls: 'disable', caFile: undefined }, { migrate: true });
+      const o = await openPgStore({ url: pg.url.replace(/\/mfagate$/, `/${name}`), passwordFile: pg.passwordFile, tls: 'disable', caFile: undefined }, { migrate: true, create: true });
       return { records: o.records, close: () => o.close() };
     },
   },
