@@ -8,6 +8,7 @@ import { Store, StoreError, migrateFile } from '../store/store.js';
 import { type PgSettings, pgUrlProblem } from '../config/postgresql.js';
 import { copyToPg, migratePg, withPg } from '../store/pg.js';
 import { UsageError, configOf, json, out, sqlitePath, withStore } from './common.js';
+import { dbBackupCommands } from './db-backup.js';
 import { formatTime } from './format.js';
 
 export function adminCommands(program: Command): void {
@@ -79,6 +80,7 @@ export function adminCommands(program: Command): void {
       }
       out(`copied ${store.file} to ${o.to} in ${((Date.now() - started) / 1000).toFixed(1)} s`);
     });
+  dbBackupCommands(db);
   program
     .command('stats')
     .description('users, MFA enabled, active grants, and the running daemon\'s decisions since it started')

@@ -6,6 +6,7 @@ import { ConfigError } from '../config/config.js';
 import { StartError } from '../daemon/daemon.js';
 import { errorText } from '../daemon/log.js';
 import { adminCommands } from './admin.js';
+import { auditCommand } from './audit.js';
 import { checkCommand } from './check.js';
 import { UsageError, running } from './common.js';
 import { grantsCommands } from './grants.js';
@@ -13,6 +14,7 @@ import { serveCommand } from './serve.js';
 import { setupCommands } from './setup.js';
 import { totpCommands } from './totp.js';
 import { passcodesCommands } from './passcodes.js';
+import { reportCommands } from './report.js';
 import { usersCommands } from './users.js';
 
 // `mfagate ... | head` closes the pipe early: that is not an error worth a stack trace.
@@ -33,11 +35,13 @@ export function buildProgram(): Command {
   serveCommand(program);
   grantsCommands(program);
   usersCommands(program);
+  auditCommand(program);
   passcodesCommands(program);
   totpCommands(program);
   checkCommand(program);
   adminCommands(program);
   setupCommands(program);
+  reportCommands(program);
   return program;
 }
 

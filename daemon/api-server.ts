@@ -385,6 +385,10 @@ export function createApiServer(mfa: MfaService, opts: ApiServerOptions): http.S
       if (rawIp !== null && rawIp !== undefined) fields['ip'] = clip(rawIp, 64);
       // 4. The action.
       payload = await route.handler(mfa, { user, params: found.params, query: url.searchParams, body });
+      // A promise left in the answer (a forgotten await) would be sent as {}: an internal error instead.
+      if (payload !== null && typeof payload === 'object' && Object.values(payload).some((v) => v instanceof Promise)) {
+        throw new Error(`${routeName} answered with a pending promise in its payload`);
+      }
       status = 200;
     } catch (caught) {
       // The store down (the database unreachable, the disk full): said as such, never as an internal error.

@@ -32,6 +32,11 @@ export function loadOrCreateKey(file: string): Buffer {
       if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw new SecretsError(`cannot create the key file ${file}: ${(e as Error).message}`);
     }
   }
+  return readKeyFile(file);
+}
+
+/** Reads an existing key file (never creates one): `db verify` checks a backup with it. */
+export function readKeyFile(file: string): Buffer {
   let text: string;
   try {
     text = fs.readFileSync(file, 'utf8').trim();
