@@ -8,11 +8,10 @@
 // revoke only ends active grants, and an expired grant is never extended), and after the purge from the
 // grant-purge row, which keeps the grant's expires_at and revoked_at (NULL: it expired).
 //
-// Indexes: audit has its primary key (id) and audit_user ("user", at); grants has grants_expires (expires_at) and
+// Indexes: audit has its primary key (id), audit_user ("user", at) and audit_at (at); grants has grants_expires (expires_at) and
 // grants_active ("user", block, expires_at) WHERE revoked_at IS NULL. Every condition is a plain comparison of a
-// column with a parameter, so a --user query is a range scan of audit_user in `at` order. Without --user there
-// is no index on audit.at: the database scans the table and keeps the top rows (a migration adding one would
-// serve these statements as they are). An address block that a text comparison cannot express exactly (an IPv6
+// column with a parameter, so a --user query is a range scan of audit_user in `at` order; without --user,
+// audit_at (migration 6) serves the time range. An address block that a text comparison cannot express exactly (an IPv6
 // /64, an IPv4 range) is narrowed in SQL by the literal prefix every address in it starts with and checked
 // exactly here, page by page, so LIMIT still means "rows that match".
 import type ipaddr from 'ipaddr.js';

@@ -410,6 +410,88 @@ export const MIGRATIONS: readonly Migration[] = [
       CREATE TRIGGER passcodes_delete AFTER DELETE ON passcodes FOR EACH ROW EXECUTE FUNCTION mfagate_change('user');
     `,
   },
+  {
+    version: 6,
+    name: 'ids of grants and passcodes never used twice (SQLite gave a purged row\'s id to the next row); the audit log by time',
+    sql: `
+      -- A grant's or passcode's number names it in the audit log for good: after the purge deleted the highest
+      -- one, SQLite (INTEGER PRIMARY KEY without AUTOINCREMENT) gave its number to the next, and "grant 4"
+      -- could mean two grants. The tables are rebuilt with AUTOINCREMENT, which SQLite cannot add in place; the
+      -- counter starts after every number the store has ever mentioned, purged ones included.
+      CREATE TABLE grants_v6 (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        user          TEXT NOT NULL,
+        block         TEXT NOT NULL,
+        ip            TEXT NOT NULL,
+        created_at    INTEGER NOT NULL,
+        expires_at    INTEGER NOT NULL,
+        method        TEXT NOT NULL,
+        source        TEXT NOT NULL,
+        reason        TEXT NOT NULL DEFAULT '',
+        revoked_at    INTEGER,
+        revoked_by    TEXT,
+        revoke_reason TEXT
+      );
+      INSERT INTO grants_v6 (id, user, block, ip, created_at, expires_at, method, source, reason, revoked_at, revoked_by, revoke_reason)
+        SELECT id, user, block, ip, created_at, expires_at, method, source, reason, revoked_at, revoked_by, revoke_reason FROM grants;
+      DROP TABLE grants;
+      ALTER TABLE grants_v6 RENAME TO grants;
+      CREATE INDEX grants_active ON grants (user, block, expires_at) WHERE revoked_at IS NULL;
+      CREATE INDEX grants_block ON grants (block);
+      CREATE INDEX grants_expires ON grants (expires_at);
+      CREATE TRIGGER grants_insert AFTER INSERT ON grants
+      BEGIN INSERT INTO changes (at, user) VALUES (CAST(unixepoch('subsec') * 1000 AS INTEGER), NEW.user); END;
+      CREATE TRIGGER grants_update AFTER UPDATE OF user, block, expires_at, revoked_at ON grants
+      BEGIN
+        INSERT INTO changes (at, user) VALUES (CAST(unixepoch('subsec') * 1000 AS INTEGER), NEW.user);
+        INSERT INTO changes (at, user) SELECT CAST(unixepoch('subsec') * 1000 AS INTEGER), OLD.user WHERE OLD.user IS NOT NEW.user;
+      END;
+      DELETE FROM sqlite_sequence WHERE name = 'grants';
+      INSERT INTO sqlite_sequence (name, seq)
+        SELECT 'grants', max(coalesce((SELECT max(id) FROM grants), 0), coalesce((SELECT max(grant_id) FROM audit), 0));
+
+      CREATE TABLE passcodes_v6 (
+        id                 INTEGER PRIMARY KEY AUTOINCREMENT,
+        user               TEXT NOT NULL,
+        name               TEXT NOT NULL,
+        selector           TEXT NOT NULL UNIQUE,
+        salt               BLOB NOT NULL,
+        hash               BLOB NOT NULL,
+        kdf                TEXT NOT NULL,
+        protocols          TEXT NOT NULL,
+        created_at         INTEGER NOT NULL,
+        created_by         TEXT NOT NULL,
+        expires_at         INTEGER,
+        revoked_at         INTEGER,
+        revoked_by         TEXT,
+        last_used_at       INTEGER,
+        last_used_ip       TEXT,
+        last_used_protocol TEXT
+      );
+      INSERT INTO passcodes_v6 SELECT id, user, name, selector, salt, hash, kdf, protocols, created_at, created_by, expires_at,
+        revoked_at, revoked_by, last_used_at, last_used_ip, last_used_protocol FROM passcodes;
+      DROP TABLE passcodes;
+      ALTER TABLE passcodes_v6 RENAME TO passcodes;
+      CREATE INDEX passcodes_user ON passcodes (user, created_at);
+      CREATE TRIGGER passcodes_insert AFTER INSERT ON passcodes
+      BEGIN INSERT INTO changes (at, user) VALUES (CAST(unixepoch('subsec') * 1000 AS INTEGER), NEW.user); END;
+      CREATE TRIGGER passcodes_update AFTER UPDATE OF revoked_at, expires_at, protocols ON passcodes
+      BEGIN INSERT INTO changes (at, user) VALUES (CAST(unixepoch('subsec') * 1000 AS INTEGER), NEW.user); END;
+      CREATE TRIGGER passcodes_delete AFTER DELETE ON passcodes
+      BEGIN INSERT INTO changes (at, user) VALUES (CAST(unixepoch('subsec') * 1000 AS INTEGER), OLD.user); END;
+      DELETE FROM sqlite_sequence WHERE name = 'passcodes';
+      INSERT INTO sqlite_sequence (name, seq)
+        SELECT 'passcodes', max(coalesce((SELECT max(id) FROM passcodes), 0),
+          coalesce((SELECT max(CAST(json_extract(detail, '$.id') AS INTEGER)) FROM audit WHERE action IN ('passcode-add', 'passcode-revoke')), 0));
+
+      -- "mfagate audit" without --user reads the log by time.
+      CREATE INDEX audit_at ON audit (at);
+    `,
+    postgresql: `
+      -- Identity columns never hand out a number twice: nothing to rebuild. The audit log by time.
+      CREATE INDEX audit_at ON audit (at);
+    `,
+  },
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]?.version ?? 0;

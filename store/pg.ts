@@ -152,8 +152,10 @@ async function copyTables(store: Store, db: PgDb, batch: number): Promise<CopyRe
       }
       await flush();
       if (identity) {
-        // New rows made in PostgreSQL must not take ids the copy brought.
-        await tx.query(`SELECT setval(pg_get_serial_sequence('${table}', 'id'), greatest((SELECT max(id) FROM ${quote(table)}), 1))`);
+        // New rows made in PostgreSQL must not take ids the copy brought, nor ids SQLite gave rows since purged
+        // (the audit log names them).
+        const used = Number((store.db.prepare('SELECT seq FROM sqlite_sequence WHERE name = ?').pluck().get(table) as number | undefined) ?? 0);
+        await tx.query(`SELECT setval(pg_get_serial_sequence('${table}', 'id'), greatest((SELECT max(id) FROM ${quote(table)}), $1::bigint, 1))`, [used]);
       }
       reports.push({ table, read, added, updated });
     }

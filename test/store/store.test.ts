@@ -12,7 +12,7 @@ import path from 'node:path';
 import { pathToFileURL } from 'node:url';
 import Database from 'better-sqlite3';
 import t, { type Test } from 'tap';
-import { SCHEMA_VERSION } from '../../store/migrations.js';
+import { MIGRATIONS, SCHEMA_VERSION } from '../../store/migrations.js';
 import { openPgStore } from '../../store/open.js';
 import type { Records } from '../../store/records.js';
 import { num } from '../../store/sql.js';
@@ -86,6 +86,24 @@ function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
 
 for (const b of backends) {
   t.test(b.name, async (t) => {
+    t.test("a purged grant's or passcode's number is never given to another (the audit log names them for good)", async (t) => {
+      const s = await fresh(t, b);
+      const now = Date.now();
+      const kept = await s.addGrant(grant('alice', '203.0.113.7', now));
+      const purged = await s.addGrant(grant('alice', '203.0.113.8', now));
+      await s.revokeGrants({ id: purged.grant.id }, 'cli:op', '', now);
+      t.equal(await s.purgeGrants(now + 1, now + 1), 1, 'the highest-numbered grant is purged');
+      t.equal(await s.grantById(purged.grant.id), undefined);
+      const next = await s.addGrant(grant('alice', '203.0.113.9', now + 2));
+      t.ok(next.grant.id > purged.grant.id, `the next grant is ${next.grant.id}, after the purged ${purged.grant.id} (kept: ${kept.grant.id})`);
+      const p = (id: string) => ({ user: 'alice', name: id, selector: `sel${id}`, salt: Buffer.alloc(16), hash: Buffer.alloc(32), kdf: 'scrypt:n=4096,r=8,p=1', protocols: ['imap'], createdBy: 'test', expiresAt: null, now });
+      await s.passcodes.insert(p('a'));
+      const last = await s.passcodes.insert(p('b'));
+      await s.passcodes.revoke(last, 'test', now);
+      t.equal(await s.passcodes.purge(now + 1), 1, 'the highest-numbered passcode is purged');
+      t.ok((await s.passcodes.insert(p('c'))) > last, 'the next passcode gets a new number');
+    });
+
     t.test('grants: add, extend, per-block lookup, revoke with who and why, audit', async (t) => {
       const s = await fresh(t, b);
       const now = Date.now();
@@ -706,4 +724,34 @@ t.test('SQLite only: the file, its statements for decisions, durability', async 
     t.same(missing, [], 'every committed grant is there');
     t.ok((await s.records.listGrants({ now: Date.now(), limit: 10 })).length > 0);
   });
+});
+
+t.test('migration 6 on a version-5 store: every row and number kept; new numbers after every one the audit log named', async (t) => {
+  const file = path.join(dir, 'v5.db');
+  const db = new Database(file);
+  db.pragma('journal_mode = WAL');
+  for (const m of MIGRATIONS.filter((x) => x.version <= 5)) db.exec(m.sql);
+  db.pragma('user_version = 5');
+  const now = Date.now();
+  const insert = db.prepare("INSERT INTO grants (id, user, block, ip, created_at, expires_at, method, source) VALUES (?, 'alice', ?, ?, ?, ?, 'totp', 'api')");
+  insert.run(1, '203.0.113.1', '203.0.113.1', now, now + HOUR);
+  insert.run(2, '203.0.113.2', '203.0.113.2', now, now + HOUR);
+  // Grant 7 existed once and was purged: only the audit log still names it.
+  db.prepare("INSERT INTO audit (at, actor, action, user, ip, grant_id, detail) VALUES (?, 'daemon', 'grant-purge', 'alice', '203.0.113.7', 7, '{}')").run(now);
+  db.prepare("INSERT INTO audit (at, actor, action, user, ip, grant_id, detail) VALUES (?, 'api', 'passcode-revoke', 'alice', NULL, NULL, '{\"id\":12}')").run(now);
+  db.close();
+
+  const s = Store.open(file, { migrate: true });
+  t.teardown(() => s.close());
+  t.equal(s.schemaVersion, SCHEMA_VERSION, 'migrated');
+  t.equal(s.db.pragma('integrity_check', { simple: true }), 'ok');
+  t.strictSame((await s.records.listGrants({ now, all: true })).map((g) => g.id).sort(), [1, 2], 'the grants, with their numbers');
+  const before = s.latestChange();
+  const next = await s.records.addGrant(grant('alice', '203.0.113.3', now + 1));
+  t.equal(next.grant.id, 8, 'the next grant comes after the purged grant 7 the audit log names');
+  t.ok(s.latestChange() > before, "the feed's trigger is there again on the rebuilt table");
+  const id = await s.records.passcodes.insert({ user: 'alice', name: 'phone', selector: 'abcde', salt: Buffer.alloc(16), hash: Buffer.alloc(32), kdf: 'scrypt:n=4096,r=8,p=1', protocols: ['imap'], createdBy: 'test', expiresAt: null, now });
+  t.equal(id, 13, 'the next passcode comes after passcode 12 of the audit log');
+  t.ok(s.db.prepare("SELECT 1 FROM sqlite_schema WHERE type = 'index' AND name = 'audit_at'").get(), 'the audit log has its index by time');
+  t.equal(s.db.prepare('SELECT count(*) FROM grants INDEXED BY grants_active WHERE revoked_at IS NULL AND expires_at > ?').pluck().get(now), 3, 'the index of active grants is back');
 });
