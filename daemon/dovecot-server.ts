@@ -99,7 +99,7 @@ export function createDovecotServer(service: PolicyService): http.Server {
       if (!parsed.ok) return fail(400, parsed.error);
       const r = parsed.value;
       if (command === 'report') {
-        const stored = service.report(r.login, r.remote, r.protocol, r.success === true, r.policyReject === true);
+        const stored = service.report(r.login, r.remote, r.protocol, r.success === true, r.policyReject === true, r.realRemote);
         if (!stored) return fail(400, 'report with an unacceptable login or remote address');
         return send(200, '{}');
       }

@@ -159,12 +159,18 @@ export class PolicyService {
     return { ok: true, result };
   }
 
-  /** Dovecot's report after an attempt; stored in batches (see flushReports). */
-  report(login: string, remote: string, protocol: string, success: boolean, policyReject: boolean): boolean {
+  /**
+   * Dovecot's report after an attempt; stored in batches (see flushReports). A login a webmail host made for a
+   * browser (real_remote a [networks] webmail address, remote the browser's, forwarded) is recorded under the
+   * webmail host: it is not a mail program's login from the browser's address (the rollout report counts those).
+   */
+  report(login: string, remote: string, protocol: string, success: boolean, policyReject: boolean, realRemote?: string): boolean {
     const user = normaliseUser(login, this.config.users);
     const address = parseAddress(remote);
     if (!isAcceptableUserName(user) || !address) return false;
-    this.reports.push({ user, ip: address.toString(), protocol: protocol.toLowerCase(), success, policyReject, at: this.clock() });
+    const real = realRemote !== undefined ? parseAddress(realRemote) : undefined;
+    const by = real !== undefined && this.settings.webmail.has(real) ? real : address;
+    this.reports.push({ user, ip: by.toString(), protocol: protocol.toLowerCase(), success, policyReject, at: this.clock() });
     if (this.reports.length >= 1000) void this.flushReports();
     return true;
   }

@@ -4,9 +4,9 @@
 // decision's own statement of it (isTrustedNetwork), never in SQL.
 //
 // What the login record can tell, and what it cannot: `logins` keeps one row per (user, address) with the last
-// successful login's time and the protocol of the last report from that address (a success or a failure). It
-// records Dovecot's `remote`, not `real_remote`: a webmail that forwards the browser's address is recorded
-// under the browser's address, and its logins look like a mail program's from there.
+// successful login's time and the protocol of the last report from that address (a success or a failure). A
+// login a webmail host made for a browser is recorded under the webmail host (PolicyService.report), which the
+// report leaves out like every webmail address.
 import { type Address, parseAddress } from '../policy/address.js';
 import { type PolicySettings, isTrustedNetwork, mfaRequired } from '../policy/decide.js';
 import { type Sql, num } from './sql.js';

@@ -119,6 +119,7 @@ t.before(async () => {
   d = await startInProcess(`
 [networks]
 trusted = ["127.0.0.2"]
+webmail = ["192.0.2.10"]
 [dovecot]
 api_key = "s3cret"
 max_body_bytes = 2048
@@ -184,6 +185,20 @@ t.test('Dovecot: report is recorded per user and address', async (t) => {
   t.ok(login?.lastPolicyRejectAt, 'policy reject recorded');
   t.ok(await store.records.getUser('newbie'), 'a successful login makes the user known');
   t.notOk(await store.records.getUser('ghost'), 'a failed login for an unknown name does not create a user');
+});
+
+t.test("Dovecot: a webmail's login for a browser is recorded under the webmail host, not the browser's address", async (t) => {
+  const c = new RawHttp(d.dovecotPort);
+  t.teardown(() => c.close());
+  const viaWebmail = await c.post('/?command=report', body('carol', '203.0.113.50', { real_remote: '192.0.2.10', success: true, policy_reject: false }), KEY);
+  t.equal(viaWebmail?.status, 200);
+  const direct = await c.post('/?command=report', body('carol', '203.0.113.51', { real_remote: '203.0.113.51', success: true, policy_reject: false }), KEY);
+  t.equal(direct?.status, 200);
+  const proxied = await c.post('/?command=report', body('carol', '203.0.113.52', { real_remote: '198.51.100.99', success: true, policy_reject: false }), KEY);
+  t.equal(proxied?.status, 200);
+  await d.daemon.service.flushReports();
+  const ips = (await store.records.loginsOf('carol')).map((l) => l.ip).sort();
+  t.same(ips, ['192.0.2.10', '203.0.113.51', '203.0.113.52'], 'the webmail host for its login; the address itself for a mail program (and behind a proxy that is not the webmail)');
 });
 
 t.test('Dovecot: bad input gets a clear status, never a crash', async (t) => {
