@@ -16,7 +16,8 @@
 // exactly here, page by page, so LIMIT still means "rows that match".
 import type ipaddr from 'ipaddr.js';
 import { type Address, parseAddress } from '../policy/address.js';
-import { type Row, type Sql, type SqlParam, num } from './sql.js';
+import { type Row, type Sql, type SqlParam, nullable, num } from './sql.js';
+import { auditFromRow, parseDetail } from './records.js';
 
 /**
  * Every action the audit log holds, by group (the part before the first "-"); docs/cli.md says who writes each. All
@@ -85,30 +86,8 @@ export interface AuditResult {
 
 const PAGE = 500;
 
-const nullable = (v: unknown): number | null => (v === null || v === undefined ? null : Number(v));
+const entryOfRow = (r: Row): AuditEntry => auditFromRow(r);
 
-function parseDetail(text: unknown): Record<string, unknown> {
-  if (typeof text !== 'string') return {};
-  try {
-    const v: unknown = JSON.parse(text);
-    return v !== null && typeof v === 'object' && !Array.isArray(v) ? (v as Record<string, unknown>) : { value: v };
-  } catch {
-    return { unparsed: text };
-  }
-}
-
-const entryOfRow = (r: Row): AuditEntry => ({
-  id: num(r, 'id'),
-  at: num(r, 'at'),
-  actor: r['actor'] as string,
-  action: r['action'] as string,
-  user: (r['user'] as string | null) ?? null,
-  ip: (r['ip'] as string | null) ?? null,
-  grantId: nullable(r['grant_id']),
-  detail: parseDetail(r['detail']),
-});
-
-/** Newest first: at, then stored rows after derived ones at the same ms, then id (or the grant's id). */
 function compareNewest(a: AuditEntry, b: AuditEntry): number {
   if (a.at !== b.at) return b.at - a.at;
   if ((a.id === null) !== (b.id === null)) return a.id === null ? 1 : -1;

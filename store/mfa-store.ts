@@ -1,6 +1,6 @@
 // The second-factor tables (migration 2): factors, e-mailed codes, backup codes, failures and locks, on either
 // backend (store/sql.ts). The MFA service wraps multi-step changes in one write transaction.
-import { type Row, type Sql, num } from './sql.js';
+import { type Row, type Sql, nullable, num } from './sql.js';
 
 export interface FactorRow {
   user: string;
@@ -23,8 +23,6 @@ export interface EmailCodeRow {
   createdAt: number;
   expiresAt: number;
 }
-
-const nullable = (v: unknown): number | null => (v === null || v === undefined ? null : Number(v));
 
 const factorFromRow = (r: Row): FactorRow => ({
   user: r['user'] as string,

@@ -1,6 +1,6 @@
 // The app passcodes table (migration 4), on either backend (store/sql.ts). PasscodeService (mfa/passcodes.ts)
 // decides, hashes and limits.
-import { type Row, type Sql, num } from './sql.js';
+import { type Row, type Sql, nullable, num } from './sql.js';
 
 export interface PasscodeRow {
   id: number;
@@ -43,8 +43,6 @@ export interface PasscodeUse {
 }
 
 /** A row of the passcodes table as SQLite or PostgreSQL gives it (the same columns and values). */
-const nullable = (v: unknown): number | null => (v === null || v === undefined ? null : Number(v));
-
 export const passcodeFromRow = (r: Row): PasscodeRow => ({
   id: num(r, 'id'),
   user: r['user'] as string,

@@ -5,7 +5,7 @@
 import type { LookupResult } from '../policy/decide.js';
 import { MfaStore } from './mfa-store.js';
 import { PasscodeStore } from './passcode-store.js';
-import { type Row, type Sql, num } from './sql.js';
+import { type Row, type Sql, nullable, num } from './sql.js';
 import { StoreError } from './sqlite-file.js';
 
 export interface UserRow {
@@ -103,8 +103,6 @@ export interface GrantFilter {
   limit?: number | undefined;
 }
 
-const nullable = (v: unknown): number | null => (v === null || v === undefined ? null : Number(v));
-
 const grantFromRow = (r: Row): GrantRow => ({
   id: num(r, 'id'),
   user: r['user'] as string,
@@ -126,6 +124,29 @@ const userFromRow = (r: Row): UserRow => ({
   exempt: num(r, 'exempt') === 1,
   createdAt: num(r, 'created_at'),
   updatedAt: num(r, 'updated_at'),
+});
+
+/** An audit row's detail: the JSON object stored with the change (a row that is not one is shown as it is). */
+export function parseDetail(text: unknown): Record<string, unknown> {
+  if (typeof text !== 'string') return {};
+  try {
+    const v: unknown = JSON.parse(text);
+    return v !== null && typeof v === 'object' && !Array.isArray(v) ? (v as Record<string, unknown>) : { value: v };
+  } catch {
+    return { unparsed: text };
+  }
+}
+
+/** A row of the audit table as either backend gives it. */
+export const auditFromRow = (r: Row): AuditRow => ({
+  id: num(r, 'id'),
+  at: num(r, 'at'),
+  actor: r['actor'] as string,
+  action: r['action'] as string,
+  user: (r['user'] as string | null) ?? null,
+  ip: (r['ip'] as string | null) ?? null,
+  grantId: nullable(r['grant_id']),
+  detail: parseDetail(r['detail']),
 });
 
 const USER_COLUMNS = 'name, mfa_enabled, exempt, created_at, updated_at';
@@ -371,16 +392,7 @@ export class Records {
 
   async auditOf(user: string, limit = 20): Promise<AuditRow[]> {
     const rows = await this.sql.all('SELECT * FROM audit WHERE "user" = ? ORDER BY id DESC LIMIT ?', [user, limit]);
-    return rows.map((r) => ({
-      id: num(r, 'id'),
-      at: num(r, 'at'),
-      actor: r['actor'] as string,
-      action: r['action'] as string,
-      user: (r['user'] as string | null) ?? null,
-      ip: (r['ip'] as string | null) ?? null,
-      grantId: nullable(r['grant_id']),
-      detail: JSON.parse(r['detail'] as string) as Record<string, unknown>,
-    }));
+    return rows.map(auditFromRow);
   }
 
   // ---- statistics --------------------------------------------------------------------------------------

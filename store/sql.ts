@@ -29,3 +29,6 @@ export interface Sql {
 
 /** A number column (SQLite integers and PostgreSQL BIGINT both come back as numbers). */
 export const num = (r: Row | undefined, column: string): number => Number(r?.[column] ?? 0);
+
+/** A nullable number column. */
+export const nullable = (v: unknown): number | null => (v === null || v === undefined ? null : Number(v));
